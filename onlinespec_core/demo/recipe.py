@@ -1,0 +1,322 @@
+"""`onlinespec train-demo`: reproduce the embedded demo pair from scratch.
+
+Stages (run in order; each can be run alone with ``--stages``):
+
+  corpus     deterministic corpus (code / math / sql / prose topics + general warm-up set)
+  tokenizer  byte-level BPE (8192 entries), HF format
+  data       tokenised uint16 arrays per set and split
+  streams    assets-style prompt streams from the held-out splits
+  target     Llama target (~17M params), resumable, checkpoints every 5 minutes
+  draft      Llama draft (~1.2M params), warmed up on the general set only
+  export     bf16 safetensors model dirs (target from its latest checkpoint, even mid-training)
+  eval       held-out loss per topic (target and draft), decode cost ratio, greedy samples
+
+Output layout under ``--out``: corpus/, tokenizer/, data/, target_work/ckpt, draft_work/ckpt,
+models/target, models/draft, streams/, report.json. ``--install DIR`` copies models to
+DIR/models/demo/{target,draft} and the streams to DIR/streams (DIR = the repo's assets/).
+
+Run time on the 2-core CPU dev box (torch 2.13, bf16 autocast, 2 threads):
+  corpus + tokenizer + data: ~1.5 min; target: ~2.2k tokens/s alone (slower when the cores are
+  shared), the shipped target was trained with a wall-clock deadline of ~2 h (see the README /
+  report.json for the exact tokens); draft: ~6 min; export + eval: ~2 min.
+  ``--tiny``: about 30-60 s end to end (used by tests/test_demo_recipe.py).
+
+Example (what produced the shipped assets)::
+
+  python -m onlinespec_core.demo.recipe --out work_demo/full --deadline 15:50 --install assets
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ALL_STAGES = ("corpus", "tokenizer", "data", "streams", "target", "draft", "export", "eval")
+
+PRESETS = {
+    "full": {
+        "corpus": {},
+        "vocab_size": 8192,
+        "target": dict(hidden=384, layers=8, ffn=1152, heads=6, kv_heads=2),
+        "draft": dict(hidden=128, layers=1, ffn=384, heads=2, kv_heads=1),
+        "seq_len": 256, "batch_size": 16, "lr": 1.5e-3, "max_tokens": 24_000_000, "warmup": 100,
+        "draft_batch": 16, "draft_lr": 3e-3, "draft_minutes": 6.0, "draft_max_tokens": 3_000_000,
+        "streams": dict(n_single=40, n_shift=25, n_shift_short=8),
+        "eval_tokens": 60_000,
+    },
+    "tiny": {
+        "corpus": dict(n_math=400, n_sql=400, n_prose=300, n_general=400, max_code_functions=250, max_code_extra=200,
+                       max_pydoc_paragraphs=100, min_heldout=30),
+        "vocab_size": 512,
+        "target": dict(hidden=64, layers=2, ffn=128, heads=2, kv_heads=1),
+        "draft": dict(hidden=32, layers=1, ffn=64, heads=2, kv_heads=1),
+        "seq_len": 64, "batch_size": 8, "lr": 3e-3, "max_tokens": 8 * 64 * 40, "warmup": 5,
+        "draft_batch": 8, "draft_lr": 3e-3, "draft_minutes": 0.5, "draft_max_tokens": 8 * 64 * 20,
+        "streams": dict(n_single=6, n_shift=3, n_shift_short=2),
+        "eval_tokens": 4_000,
+    },
+}
+
+TARGET_MIX = {"code": 0.30, "math": 0.20, "sql": 0.12, "prose": 0.20, "general": 0.18}
+DRAFT_MIX = {"general": 1.0}
+
+
+def parse_deadline(s: str | None) -> float | None:
+    """'HH:MM' (UTC, today), an ISO timestamp, or unix seconds -> unix seconds."""
+    if s is None:
+        return None
+    try:
+        return float(s)
+    except ValueError:
+        pass
+    if len(s) <= 5 and ":" in s:
+        hh, mm = s.split(":")
+        now = _dt.datetime.now(_dt.timezone.utc)
+        t = now.replace(hour=int(hh), minute=int(mm), second=0, microsecond=0)
+        return t.timestamp()
+    t = _dt.datetime.fromisoformat(s)
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=_dt.timezone.utc)
+    return t.timestamp()
+
+
+def _log_to(path: Path):
+    def log(msg: str) -> None:
+        line = f"[{_dt.datetime.now(_dt.timezone.utc).strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+    return log
+
+
+def _new_model(P: dict, which: str, tok):
+    from transformers import LlamaForCausalLM
+    from .train import llama_config
+    cfg = llama_config(len(tok), max_pos=1024, bos=tok.bos_token_id, eos=tok.eos_token_id,
+                       pad=tok.pad_token_id, **P[which])
+    return LlamaForCausalLM(cfg)
+
+
+def _n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def decode_ms(model, n: int = 40, prompt_len: int = 20, reps: int = 3) -> float:
+    """Median-of-reps mean single-token decode time (ms) with a DynamicCache at batch 1."""
+    import torch
+    from transformers import DynamicCache
+    model.eval()
+    times = []
+    with torch.no_grad():
+        for r in range(reps):
+            ids = torch.randint(3, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(r))
+            cache = DynamicCache()
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            tok = out.logits[:, -1:].argmax(-1)
+            t0 = None
+            for i in range(n + 5):
+                if i == 5:
+                    t0 = time.perf_counter()
+                out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+                tok = out.logits[:, -1:].argmax(-1)
+            times.append((time.perf_counter() - t0) / n * 1000)
+    return sorted(times)[len(times) // 2]
+
+
+def build_argparser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="onlinespec train-demo",
+                                 description="Reproduce the embedded demo pair (corpus, tokenizer, target, "
+                                             "draft, streams) from scratch on CPU.")
+    ap.add_argument("--out", default="work_demo/demo", help="output/work directory (default: %(default)s)")
+    ap.add_argument("--stages", default=",".join(ALL_STAGES),
+                    help=f"comma-separated subset of {','.join(ALL_STAGES)} (default: all)")
+    ap.add_argument("--tiny", action="store_true", help="minutes-long toy configuration (CI)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                    help="resume training from checkpoints in --out (default: on)")
+    ap.add_argument("--deadline", default=None,
+                    help="wall-clock stop for target training: 'HH:MM' UTC today, ISO time or unix seconds")
+    ap.add_argument("--max-minutes", type=float, default=None, help="target training-time budget (cumulative)")
+    ap.add_argument("--max-tokens", type=int, default=None, help="target token budget")
+    ap.add_argument("--draft-minutes", type=float, default=None, help="draft warm-up time budget")
+    ap.add_argument("--ckpt-every", type=float, default=300.0, help="seconds between checkpoints")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-bf16", action="store_true", help="train in float32 instead of bf16 autocast")
+    ap.add_argument("--install", default=None,
+                    help="copy models to DIR/models/demo/{target,draft} and streams to DIR/streams")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_argparser().parse_args(argv)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    bad = [s for s in stages if s not in ALL_STAGES]
+    if bad:
+        print(f"unknown stage(s) {bad}; choose from {ALL_STAGES}", file=sys.stderr)
+        return 2
+    P = PRESETS["tiny" if args.tiny else "full"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = _log_to(out / "recipe.log")
+    t_all = time.time()
+    report_path = out / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    report["preset"] = "tiny" if args.tiny else "full"
+
+    import torch
+    torch.set_num_threads(args.threads)
+
+    from .corpus import ALL_SETS, TOPICS, CorpusConfig, build_corpus, read_split
+    corpus_dir, tok_dir, data_dir = out / "corpus", out / "tokenizer", out / "data"
+
+    if "corpus" in stages:
+        t = time.time()
+        report["corpus"] = build_corpus(corpus_dir, CorpusConfig(seed=args.seed, **P["corpus"]), log=log)
+        report.setdefault("times_s", {})["corpus"] = round(time.time() - t, 1)
+
+    tok = None
+    if "tokenizer" in stages:
+        from .tokenizer import train_tokenizer
+        t = time.time()
+        texts = (d["prompt"] + d["completion"] for s in ALL_SETS for d in read_split(corpus_dir, s, "train"))
+        tok = train_tokenizer(texts, tok_dir, vocab_size=P["vocab_size"])
+        log(f"tokenizer: {len(tok)} entries in {time.time() - t:.1f}s")
+        report.setdefault("times_s", {})["tokenizer"] = round(time.time() - t, 1)
+
+    def get_tok():
+        nonlocal tok
+        if tok is None:
+            from .tokenizer import load_tokenizer
+            tok = load_tokenizer(tok_dir)
+        return tok
+
+    if "data" in stages:
+        from .train import tokenize_corpus
+        t = time.time()
+        report["tokens"] = tokenize_corpus(corpus_dir, get_tok(), data_dir, ALL_SETS, log=log)
+        report.setdefault("times_s", {})["data"] = round(time.time() - t, 1)
+
+    if "streams" in stages:
+        from .streams import write_streams
+        report["streams"] = write_streams(corpus_dir, out / "streams", seed=args.seed, **P["streams"])
+        log(f"streams: {report['streams']}")
+
+    _save_report(report_path, report)
+
+    from .train import TrainConfig, eval_loss, export_model, load_ckpt_weights, train_lm
+    bf16 = not args.no_bf16
+    if "target" in stages:
+        model = _new_model(P, "target", get_tok())
+        log(f"target params: {_n_params(model) / 1e6:.2f}M")
+        cfg = TrainConfig(mix=TARGET_MIX, seq_len=P["seq_len"], batch_size=P["batch_size"], lr=P["lr"],
+                          warmup_steps=P["warmup"], max_tokens=args.max_tokens or P["max_tokens"],
+                          max_minutes=args.max_minutes if args.max_minutes is not None else 1e9,
+                          deadline=parse_deadline(args.deadline), ckpt_every_s=args.ckpt_every,
+                          seed=args.seed, bf16=bf16, threads=args.threads)
+        meta = train_lm(model, data_dir, out / "target_work", cfg, resume=args.resume, log=log)
+        report["target_train"] = {k: meta[k] for k in ("step", "tokens", "train_s", "last_loss", "stop_reason")
+                                  if k in meta}
+        _save_report(report_path, report)
+
+    if "draft" in stages:
+        model = _new_model(P, "draft", get_tok())
+        log(f"draft params: {_n_params(model) / 1e6:.2f}M")
+        cfg = TrainConfig(mix=DRAFT_MIX, seq_len=P["seq_len"], batch_size=P["draft_batch"], lr=P["draft_lr"],
+                          warmup_steps=P["warmup"], max_tokens=P["draft_max_tokens"],
+                          max_minutes=args.draft_minutes if args.draft_minutes is not None else P["draft_minutes"],
+                          ckpt_every_s=args.ckpt_every, seed=args.seed + 1, bf16=bf16, threads=args.threads)
+        meta = train_lm(model, data_dir, out / "draft_work", cfg, resume=args.resume, log=log)
+        report["draft_train"] = {k: meta[k] for k in ("step", "tokens", "train_s", "last_loss", "stop_reason")
+                                 if k in meta}
+        _save_report(report_path, report)
+
+    if "export" in stages:
+        for which in ("target", "draft"):
+            ck = out / f"{which}_work" / "ckpt"
+            if not (ck / "ckpt.json").exists():
+                log(f"export: no {which} checkpoint yet, skipped")
+                continue
+            model = _new_model(P, which, get_tok())
+            meta = load_ckpt_weights(model, ck)
+            export_model(model, get_tok(), out / "models" / which)
+            (out / "models" / which / "training.json").write_text(json.dumps(
+                {k: meta.get(k) for k in ("step", "tokens", "train_s", "last_loss", "stop_reason", "done")}, indent=2))
+            log(f"export {which}: step {meta['step']} ({meta['tokens']:,} tokens) -> {out / 'models' / which}")
+
+    if "eval" in stages:
+        report["eval"] = evaluate(out, P, log=log, bf16=bf16)
+        _save_report(report_path, report)
+
+    if args.install:
+        inst = Path(args.install)
+        for which in ("target", "draft"):
+            src = out / "models" / which
+            if src.exists():
+                dst = inst / "models" / "demo" / which
+                if dst.exists():
+                    shutil.rmtree(dst)
+                shutil.copytree(src, dst)
+                log(f"installed {src} -> {dst}")
+        if (out / "streams").exists():
+            (inst / "streams").mkdir(parents=True, exist_ok=True)
+            for f in sorted((out / "streams").glob("*.jsonl")):
+                shutil.copy2(f, inst / "streams" / f.name)
+            log(f"installed streams -> {inst / 'streams'}")
+        if report_path.exists():
+            shutil.copy2(report_path, inst / "models" / "demo" / "report.json")
+
+    report.setdefault("times_s", {})["last_invocation_total"] = round(time.time() - t_all, 1)
+    _save_report(report_path, report)
+    log(f"done in {time.time() - t_all:.1f}s")
+    return 0
+
+
+def _save_report(path: Path, report: dict) -> None:
+    path.write_text(json.dumps(report, indent=2))
+
+
+def evaluate(out: Path, P: dict, log=print, bf16: bool = True, n_samples: int = 2) -> dict:
+    """Held-out loss per topic for the exported target and draft, decode ratio, greedy samples."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .corpus import ALL_SETS, TOPICS, read_split
+    from .train import eval_loss
+    res: dict = {}
+    models = {}
+    for which in ("target", "draft"):
+        d = out / "models" / which
+        if not (d / "config.json").exists():
+            continue
+        m = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
+        models[which] = m
+        res[f"{which}_params"] = _n_params(m)
+        res[f"{which}_heldout_loss"] = eval_loss(m, out / "data", ALL_SETS, P["seq_len"],
+                                                 max_tokens=P["eval_tokens"], bf16=bf16)
+        log(f"{which} held-out loss: {res[f'{which}_heldout_loss']}")
+    if "target" in models and "draft" in models:
+        tm, dm = decode_ms(models["target"]), decode_ms(models["draft"])
+        res["decode_ms"] = {"target": round(tm, 3), "draft": round(dm, 3), "ratio": round(tm / dm, 2)}
+        log(f"decode ms/token: {res['decode_ms']}")
+    if "target" in models:
+        tok = AutoTokenizer.from_pretrained(str(out / "models" / "target"))
+        samples = []
+        for topic in TOPICS:
+            for d in read_split(out / "corpus", topic, "heldout")[:n_samples]:
+                enc = tok(d["prompt"], return_tensors="pt")
+                with torch.no_grad():
+                    g = models["target"].generate(**enc, max_new_tokens=64, do_sample=False,
+                                                  pad_token_id=tok.pad_token_id)
+                text = tok.decode(g[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                samples.append({"topic": topic, "prompt": d["prompt"], "continuation": text,
+                                "reference": d["completion"][:400]})
+        res["samples"] = samples
+    return res
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
