@@ -1,0 +1,90 @@
+"""Draft kind "lm": a separate small causal LM with its own KV cache."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from ..feedback import Round
+from ..sampling import SamplingConfig, logits_to_probs, sample
+from .base import Proposal, crop_cache, pad_vocab
+
+
+class LMDraft:
+    kind = "lm"
+    needs_hidden = False
+
+    def __init__(self, model: PreTrainedModel, vocab_size: int | None = None,
+                 train_window: int = 128) -> None:
+        self.model = model
+        self.module = model
+        self.vocab_size = vocab_size or model.config.vocab_size  # the target's vocab size
+        self.train_window = train_window  # context tokens re-read when computing the online loss
+        self.cache: DynamicCache | None = None
+        self.cached: torch.Tensor | None = None  # ids the cache holds, to detect a changed prefix
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def reset(self) -> None:
+        self.cache = None
+        self.cached = None
+
+    def invalidate(self) -> None:
+        """Weights changed: cached keys/values no longer match the model."""
+        self.reset()
+
+    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids[None], cache=self.cache, use_cache=True, logits_to_keep=1)
+        return pad_vocab(out.logits[0, -1], self.vocab_size)
+
+    @torch.inference_mode()
+    def propose(self, seq: torch.Tensor, k: int, cfg: SamplingConfig,
+                generator: torch.Generator | None) -> Proposal:
+        if self.cache is None:
+            self.cache = DynamicCache(config=self.model.config)
+        n_cached = self.cache.get_seq_length()
+        pending = seq[n_cached:]
+        tokens, logits, probs = [], [], []
+        for _ in range(k):
+            last = self._forward(pending)
+            q = logits_to_probs(last, cfg)
+            x = q.argmax(-1) if cfg.greedy else sample(q, generator)
+            tokens.append(x)
+            logits.append(last)
+            probs.append(q)
+            pending = x.reshape(1)
+        return Proposal(torch.stack(tokens), torch.stack(logits), torch.stack(probs))
+
+    def commit(self, valid_len: int, target_hidden: torch.Tensor | None = None,
+               hidden_start: int = 0) -> None:
+        crop_cache(self.cache, valid_len)
+
+    def train_logits(self, rnd: Round) -> torch.Tensor:
+        # q_i conditions on context + x_1..x_{i-1}: feed the context tail and drafted[:-1]
+        assert rnd.context_tail is not None
+        drafted = torch.tensor(rnd.drafted[:-1], dtype=torch.long, device=rnd.context_tail.device)
+        ids = torch.cat([rnd.context_tail, drafted])[None].to(self.device)
+        start = rnd.context_len - rnd.context_tail.numel()  # same positions as at drafting time
+        pos = torch.arange(start, start + ids.shape[1], device=self.device)[None]
+        logits = self.model(input_ids=ids, position_ids=pos, use_cache=False,
+                            logits_to_keep=rnd.k).logits[0]
+        return pad_vocab(logits, self.vocab_size)
+
+    def save(self, path: str | Path) -> None:
+        self.model.save_pretrained(str(path), safe_serialization=True)
+
+
+def load_lm_draft(target: PreTrainedModel, source, tokenizer, device="cpu", dtype="float32",
+                  trust_remote_code: bool = False, train_window: int = 256) -> LMDraft:
+    """source: a directory / hub id, or an already-built PreTrainedModel."""
+    from ..models import load_causal_lm
+
+    if isinstance(source, PreTrainedModel):
+        model = source.to(device).eval()
+    else:
+        model = load_causal_lm(str(source), "draft", device, dtype, None, trust_remote_code)
+    model.requires_grad_(True)  # updaters train it; inference runs under inference_mode
+    return LMDraft(model, vocab_size=target.config.vocab_size, train_window=train_window)
