@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -87,7 +88,8 @@ def accept_sampling(drafted: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
 
 def run_round(target: PreTrainedModel, draft: Draft | None, state: DecodeState, k: int,
               cfg: SamplingConfig, generator: torch.Generator | None, index: int,
-              eos_ids: set[int], budget: int, feedback_window: int = 256) -> Round:
+              eos_ids: set[int], budget: int, feedback_window: int = 256,
+              verify_fn: Callable[..., Verification] | None = None) -> Round:
     """Propose, verify, accept; append the emitted tokens to state.seq and crop both caches."""
     device = state.seq.device
     L = state.seq.numel()
@@ -100,7 +102,7 @@ def run_round(target: PreTrainedModel, draft: Draft | None, state: DecodeState, 
     sync(device)
     t1 = time.perf_counter()
     need_hidden = bool(draft is not None and draft.needs_hidden)
-    ver = verify(target, state, prop.tokens, cfg, need_hidden)
+    ver = (verify_fn or verify)(target, state, prop.tokens, cfg, need_hidden)
     if cfg.greedy:
         n, nxt = accept_greedy(prop.tokens, ver.logits)
     else:

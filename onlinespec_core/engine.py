@@ -73,8 +73,12 @@ class GenerateOutput:
 class Engine:
     def __init__(self, pair: ModelPair, k: int = 4, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, updater: str = "frozen",
-                 updater_options: dict[str, Any] | None = None, **config: Any) -> None:
+                 updater_options: dict[str, Any] | None = None,
+                 verify_fn: Callable[..., Any] | None = None, **config: Any) -> None:
         self.pair = pair
+        # verify_fn(target, state, drafted, cfg, need_hidden) -> decoding.Verification; None =
+        # one real target forward (compare mode may plug in a shared greedy target trace)
+        self.verify_fn = verify_fn
         self.config = EngineConfig(k=k, temperature=temperature, top_k=top_k, top_p=top_p,
                                    seed=seed, **config)
         self.config.validate(pair.draft is not None)
@@ -254,7 +258,8 @@ class Engine:
                 if draft is not None and draft.needs_hidden and state.cache.get_seq_length() == 0:
                     k = 0  # feature drafts need the target's hidden states: round 0 is the prefill
                 rnd = run_round(self.pair.target, draft, state, k, self.sampling, self.generator,
-                                self.round_index, eos, budget, self.config.feedback_window)
+                                self.round_index, eos, budget, self.config.feedback_window,
+                                self.verify_fn)
                 rnd.topic, rnd.prompt_index = topic, prompt_index
                 self.round_index += 1
                 if draft is not None and rnd.k > 0:
