@@ -96,6 +96,12 @@ def load_causal_lm(source: str, role: str, device: str | torch.device = "cpu", d
             f"could not read the {role} config from {source!r} ({type(e).__name__}: {str(e)[:200]}); "
             "check the path, connect to the hub for hub ids, or pass trust_remote_code=True "
             "only if you trust the model's own code") from e
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    remote = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote:
+        raise OnlineSpecError(
+            f"{role} {source!r} is a {config.model_type!r} model, not a causal language model; "
+            "pick a decoder-only model that AutoModelForCausalLM can load (Llama, Qwen2, GPT-2, ...)")
     kw: dict[str, Any] = {"dtype": parse_dtype(dtype), "trust_remote_code": trust_remote_code,
                           "use_safetensors": True}
     if device_map is not None:
