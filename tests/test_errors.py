@@ -105,3 +105,23 @@ def test_cli_reports_errors(capsys):
     from onlinespec_core.cli import main
     assert main(["nope"]) == 2
     assert "unknown command" in capsys.readouterr().err
+
+
+def test_hub_id_offline_is_clear(pair_dirs):
+    with pytest.raises(OnlineSpecError, match="connect to the hub for hub ids"):
+        osc.load_pair(target="someone/not-cached-model", draft=str(pair_dirs["llama"][1]))
+
+
+def test_device_map_goes_through_accelerate(pair_dirs):
+    t, d = pair_dirs["llama"]
+    pair = osc.load_pair(target=str(t), draft=str(d), device_map="auto")
+    assert getattr(pair.target, "hf_device_map", None) is not None
+    out = osc.Engine(pair, k=3).generate("def add(a, b):", max_new_tokens=8)
+    assert len(out.token_ids) == 8
+
+
+def test_demo_keyword_without_assets(monkeypatch, tmp_path):
+    from onlinespec_core import models
+    monkeypatch.setattr(models, "DEMO_DIR", tmp_path / "none")
+    with pytest.raises(OnlineSpecError, match="run `onlinespec train-demo`"):
+        osc.load_pair("demo")
