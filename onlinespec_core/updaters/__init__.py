@@ -10,6 +10,10 @@ from .base import Updater
 # name -> "module:Class"; imported lazily so one broken member never breaks the rest
 REGISTRY: dict[str, str] = {
     "frozen": "frozen:FrozenUpdater",
+    "ogd": "ogd:OGDUpdater",
+    "optimistic": "optimistic:OptimisticUpdater",
+    "ensemble": "ensemble:EnsembleUpdater",
+    "dpo": "dpo:DPOUpdater",
 }
 
 

@@ -7,6 +7,7 @@ import torch
 
 from ..drafts.base import Draft
 from ..feedback import Round
+from .losses import online_loss
 
 
 class FrozenUpdater:
@@ -22,6 +23,7 @@ class FrozenUpdater:
         self.draft = draft
 
     def observe(self, rnd: Round) -> bool:
+        rnd.loss = online_loss(rnd)  # f_t(w_t) from the proposal logits: no extra forward
         return False
 
     def detach(self) -> None:

@@ -1,0 +1,368 @@
+"""Shared machinery of the gradient updaters (ogd, optimistic, ensemble, dpo).
+
+- fp32 master weights; the draft module only ever holds the deployed weights (cast once).
+- Cadence: "rounds" = one step every `every` observed rounds on the last `batch` rounds;
+  "chunk" = test-then-train: after every `chunk_prompts` prompts, `epochs` passes over the
+  chunk's rounds in minibatches of `batch` (the paper's released protocol).
+- Guard: a non-finite loss or gradient skips the step and rewrites the last good (deployed)
+  weights into the module; counted in stats()["skipped"].
+- State: masters, optimizer moments, buffered rounds and counters round-trip through
+  state_tensors/state_json/load_state.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+
+from ..drafts.base import Draft
+from ..errors import OnlineSpecError, require
+from ..feedback import Round
+from .losses import DISTILL_LOSSES, POSITIONS, online_loss, round_distill_loss
+
+ROUND_TENSORS = ("context_tail", "target_logits", "target_hidden")  # what train_logits may read
+ROUND_DROP = ("draft_logits",)  # not needed for training
+
+
+@dataclass
+class GradConfig:
+    lr: float = 1e-3
+    optimizer: str = "adam"  # sgd | adam
+    momentum: float = 0.0  # sgd only
+    weight_decay: float = 0.0
+    loss: str = "fkl"  # fkl | ce | rkl | jsd  (OSD family)
+    positions: str = "path"  # path = accepted + first rejected | all = every drafted position
+    temperature: float = 1.0  # distillation temperature on both sides
+    cadence: str = "rounds"  # rounds | chunk
+    every: int = 4  # rounds cadence: one step per `every` observed rounds
+    batch: int = 4  # rounds per step (the most recent ones)
+    chunk_prompts: int = 25  # chunk cadence: train after every K prompts ...
+    epochs: int = 2  # ... for E passes over the chunk
+    max_grad_norm: float = 1.0  # clip the step's gradient norm (0 = off)
+    seed: int = 0  # minibatch order in chunk cadence
+
+    def validate(self, name: str) -> None:
+        require(self.optimizer in ("sgd", "adam"), f"{name}: optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        require(self.loss in DISTILL_LOSSES, f"{name}: loss must be one of {DISTILL_LOSSES}, got {self.loss!r}")
+        require(self.positions in POSITIONS, f"{name}: positions must be one of {POSITIONS}, got {self.positions!r}")
+        require(self.cadence in ("rounds", "chunk"), f"{name}: cadence must be 'rounds' or 'chunk', got {self.cadence!r}")
+        for f in ("every", "batch", "chunk_prompts", "epochs"):
+            v = getattr(self, f)
+            require(isinstance(v, int) and v >= 1, f"{name}: {f} must be an integer >= 1, got {v!r}")
+        require(self.lr > 0, f"{name}: lr must be > 0, got {self.lr!r}")
+        require(self.temperature > 0, f"{name}: temperature must be > 0, got {self.temperature!r}")
+        require(self.max_grad_norm >= 0, f"{name}: max_grad_norm must be >= 0 (0 = off)")
+
+
+def parse_options(cls: type, options: dict[str, Any], name: str):
+    names = [f.name for f in fields(cls)]
+    bad = sorted(set(options) - set(names))
+    require(not bad, f"updater {name!r} has no option(s) {bad}; valid options: {', '.join(names)}")
+    try:
+        cfg = cls(**options)
+    except TypeError as e:
+        raise OnlineSpecError(f"updater {name!r}: bad options ({e})") from e
+    cfg.validate(name)
+    return cfg
+
+
+# ---- tensors ---------------------------------------------------------------------------
+def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    ps = [p for p in module.parameters() if p.requires_grad]
+    require(bool(ps), "this draft has no trainable parameters; online updaters need a trainable draft "
+                      "(use updater='frozen')")
+    return ps
+
+
+def fp32_copy(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.detach().to(torch.float32, copy=True) for t in ts]
+
+
+@torch.no_grad()
+def write_params(params: list[torch.nn.Parameter], values: list[torch.Tensor]) -> None:
+    """Deploy fp32 values into the module's parameters (one cast, in place)."""
+    for p, v in zip(params, values):
+        p.copy_(v)
+
+
+def all_finite(ts: list[torch.Tensor]) -> bool:
+    return bool(torch.stack([torch.isfinite(t).all() for t in ts]).all())
+
+
+def clip_(grads: list[torch.Tensor], max_norm: float) -> float | None:
+    """Scale grads to norm <= max_norm in place; the pre-clip norm, or None if non-finite."""
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    if not bool(torch.isfinite(norm)):
+        return None
+    if max_norm > 0 and float(norm) > max_norm:
+        torch._foreach_mul_(grads, max_norm / (float(norm) + 1e-6))
+    return float(norm)
+
+
+def make_optimizer(kind: str, tensors: list[torch.Tensor], lr: float, momentum: float = 0.0,
+                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    if kind == "sgd":
+        return torch.optim.SGD(tensors, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return torch.optim.Adam(tensors, lr=lr, weight_decay=weight_decay)
+
+
+def optimizer_step(opt: torch.optim.Optimizer, masters: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    for m, g in zip(masters, grads):
+        m.grad = g
+    opt.step()
+    for m in masters:
+        m.grad = None
+
+
+def optim_tensors(opt: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{i}.{k}": v for i, st in opt.state_dict()["state"].items()
+            for k, v in st.items() if isinstance(v, torch.Tensor)}
+
+
+def optim_json(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    sd = opt.state_dict()
+    return {"param_groups": sd["param_groups"],
+            "scalars": {str(i): {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)}
+                        for i, st in sd["state"].items()}}
+
+
+def load_optim(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+               prefix: str) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        if key.startswith(prefix + "."):
+            i, name = key[len(prefix) + 1:].split(".", 1)
+            state.setdefault(int(i), {})[name] = v
+    for i, d in meta.get("scalars", {}).items():
+        state.setdefault(int(i), {}).update(d)
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def load_list(tensors: dict[str, torch.Tensor], prefix: str, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    out = []
+    for i, t in enumerate(like):
+        v = tensors[f"{prefix}.{i}"]
+        require(v.shape == t.shape, f"saved {prefix}.{i} has shape {tuple(v.shape)}, expected {tuple(t.shape)}")
+        out.append(v.to(device=t.device, dtype=torch.float32).clone())
+    return out
+
+
+# ---- rounds in the buffer ---------------------------------------------------------------
+def snapshot(rnd: Round) -> Round:
+    """A training copy of a round: own (autograd-usable) tensors, independent of release()."""
+    c = dataclasses.replace(rnd)
+    for f in ROUND_TENSORS:
+        t = getattr(rnd, f)
+        setattr(c, f, None if t is None else t.detach().clone())
+    for f in ROUND_DROP:
+        setattr(c, f, None)
+    return c
+
+
+def rounds_to_state(rounds: list[Round], prefix: str) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    tensors, meta = {}, []
+    for j, r in enumerate(rounds):
+        d = {}
+        for f in fields(Round):
+            v = getattr(r, f.name)
+            if f.name in ROUND_TENSORS:
+                if v is not None:
+                    tensors[f"{prefix}.{j}.{f.name}"] = v.detach().contiguous()
+            elif f.name not in ROUND_DROP:
+                d[f.name] = v
+        meta.append(d)
+    return tensors, meta
+
+
+def rounds_from_state(tensors: dict[str, torch.Tensor], meta: list[dict], prefix: str,
+                      device: torch.device) -> list[Round]:
+    out = []
+    for j, d in enumerate(meta):
+        r = Round(**d)
+        for f in ROUND_TENSORS:
+            t = tensors.get(f"{prefix}.{j}.{f}")
+            setattr(r, f, None if t is None else t.to(device).clone())
+        out.append(r)
+    return out
+
+
+# ---- the base updater -------------------------------------------------------------------
+class GradientUpdater:
+    """Cadence, buffer, guard and state shared by every gradient updater. Subclasses give
+    init_weights() (from the draft's current weights), deployed() (fp32 values the module
+    must hold), step(batch, n_new) (one update on a batch whose last n_new rounds are new
+    feedback) and optionally extra_tensors/extra_json/load_extra/on_chunk_start/on_chunk_end."""
+    name: ClassVar[str] = "gradient"
+    Config: ClassVar[type] = GradConfig
+
+    def __init__(self, **options: Any) -> None:
+        self.cfg = parse_options(self.Config, options, self.name)
+        self.draft: Draft | None = None
+        self.params: list[torch.nn.Parameter] = []
+        self.buffer: list[Round] = []
+        self.since = 0  # observed rounds since the last step (rounds cadence)
+        self.chunk_key: int | None = None
+        self.chunks = 0
+        self.seq_counter = 0  # prompt counter for rounds without a prompt_index
+        self.last_end: int | None = None
+        self.observed = self.updates = self.skipped = 0
+        self.last_loss: float | None = None  # training loss of the last step
+        self.last_online_loss: float | None = None  # f_t(w_t) of the last observed round
+
+    # -- protocol --
+    def attach(self, draft: Draft) -> None:
+        self.draft = draft
+        self.params = trainable(draft.module)
+        self.init_weights()
+
+    def detach(self) -> None:
+        if self.draft is not None:
+            write_params(self.params, self.deployed())
+
+    def observe(self, rnd: Round) -> bool:
+        c = self.cfg
+        self.observed += 1
+        rnd.loss = online_loss(rnd, c.loss, c.positions, c.temperature)
+        self.last_online_loss = rnd.loss
+        item = snapshot(rnd)
+        if c.cadence == "rounds":
+            self.buffer.append(item)
+            del self.buffer[:-c.batch]
+            self.since += 1
+            if self.since < c.every:
+                return False
+            n_new = min(self.since, len(self.buffer))
+            self.since = 0
+            changed = self._guarded_step(self.buffer, n_new)
+            self.after_feedback()
+            return changed
+        key = self._prompt_of(rnd) // c.chunk_prompts
+        changed = False
+        if self.chunk_key is not None and key != self.chunk_key and self.buffer:
+            changed = self.train_chunk(self.buffer)
+            self.buffer = []
+        self.chunk_key = key
+        self.buffer.append(item)
+        return changed
+
+    def flush(self) -> bool:
+        """Chunk cadence: train on the rounds buffered so far (e.g. at the end of a stream)."""
+        if self.cfg.cadence != "chunk" or not self.buffer:
+            return False
+        changed = self.train_chunk(self.buffer)
+        self.buffer = []
+        return changed
+
+    def train_chunk(self, rounds: list[Round]) -> bool:
+        c = self.cfg
+        self.on_chunk_start()
+        changed = False
+        for epoch in range(c.epochs):
+            order = list(range(len(rounds)))
+            if epoch > 0:  # first pass in stream order (Hedge measures before training)
+                random.Random(f"{c.seed}/{self.chunks}/{epoch}").shuffle(order)
+            for s in range(0, len(order), c.batch):
+                mb = [rounds[i] for i in order[s:s + c.batch]]
+                changed |= self._guarded_step(mb, len(mb) if epoch == 0 else 0)
+        self.chunks += 1
+        self.after_feedback()
+        return changed
+
+    def _prompt_of(self, rnd: Round) -> int:
+        if rnd.prompt_index is not None:
+            return rnd.prompt_index
+        if self.last_end is not None and rnd.context_len != self.last_end:
+            self.seq_counter += 1  # not a continuation of the last round: a new sequence
+        self.last_end = rnd.context_len + len(rnd.emitted)
+        return self.seq_counter
+
+    def _guarded_step(self, batch: list[Round], n_new: int) -> bool:
+        ok = self.step(batch, n_new)
+        if ok is None:  # nothing to learn from in this batch
+            return False
+        if ok:
+            self.updates += 1
+        else:  # guard: restore the last good weights
+            self.skipped += 1
+            write_params(self.params, self.deployed())
+        return True  # the module was (re)written either way
+
+    # -- helpers for subclasses --
+    def item_loss(self, rnd: Round) -> torch.Tensor:
+        c = self.cfg
+        return round_distill_loss(self.draft.train_logits(rnd), rnd, c.loss, c.positions, c.temperature)
+
+    def batch_losses(self, batch: list[Round]) -> torch.Tensor:
+        return torch.stack([self.item_loss(r) for r in batch])
+
+    def losses_and_grads(self, batch: list[Round]) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Per-round losses [B] (detached) at the module's current weights and the clipped fp32
+        gradient of their mean; grads None when the loss or gradient is non-finite."""
+        with torch.enable_grad():
+            losses = self.batch_losses(batch)
+            total = losses.mean()
+            if not bool(torch.isfinite(total)):
+                return losses.detach(), None
+            gs = torch.autograd.grad(total, self.params, allow_unused=True)
+        grads = [torch.zeros_like(p, dtype=torch.float32) if g is None else g.float() for g, p in zip(gs, self.params)]
+        if clip_(grads, self.cfg.max_grad_norm) is None:
+            return losses.detach(), None
+        self.last_loss = float(total.detach())
+        return losses.detach(), grads
+
+    # -- hooks --
+    def init_weights(self) -> None:
+        raise NotImplementedError
+
+    def deployed(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def step(self, batch: list[Round], n_new: int) -> bool | None:
+        """True: stepped; False: guard tripped (non-finite); None: nothing to learn here."""
+        raise NotImplementedError
+
+    def after_feedback(self) -> None:
+        pass
+
+    def on_chunk_start(self) -> None:
+        pass
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def extra_json(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        pass
+
+    # -- stats / state --
+    def stats(self) -> dict[str, Any]:
+        return {"name": self.name, "observed": self.observed, "updates": self.updates,
+                "skipped": self.skipped, "last_loss": self.last_loss,
+                "online_loss": self.last_online_loss, "buffered": len(self.buffer),
+                "cadence": self.cfg.cadence, "lr": self.cfg.lr}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        t, _ = rounds_to_state(self.buffer, "buf")
+        return {**t, **self.extra_tensors()}
+
+    def state_json(self) -> dict[str, Any]:
+        _, rounds = rounds_to_state(self.buffer, "buf")
+        return {"config": dataclasses.asdict(self.cfg), "buffer": rounds,
+                "counters": {k: getattr(self, k) for k in ("since", "chunk_key", "chunks", "seq_counter",
+                                                           "last_end", "observed", "updates", "skipped",
+                                                           "last_loss", "last_online_loss")},
+                "extra": self.extra_json()}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        require(self.draft is not None, "attach the updater to a draft before load_state")
+        device = self.params[0].device
+        self.buffer = rounds_from_state(tensors, meta["buffer"], "buf", device)
+        for k, v in meta["counters"].items():
+            setattr(self, k, v)
+        self.load_extra({k: v.to(device) for k, v in tensors.items()}, meta["extra"])
+        write_params(self.params, self.deployed())

@@ -1,0 +1,101 @@
+"""optimistic (Opt-Hydra): optimistic online gradient descent with two states.
+
+  w_t       = w^_t - eta * h_t        deployed draft, moved by the hint
+  w^_{t+1}  = w^_t - eta * g_t        shadow state, g_t = grad f_t(w_t)
+  h_{t+1}   = g_t                     hint = last gradient (consecutive rounds look alike)
+so w_{t+1} = w_t - eta * (2 g_t - g_{t-1}).
+form="momentum": the authors' released code instead (SGD, momentum 0.9, lr 0.1; the momentum
+buffer persists across updates and is saved with the state)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import require
+from ..feedback import Round
+from .gradient import (GradConfig, GradientUpdater, fp32_copy, load_list, load_optim, make_optimizer,
+                       optim_json, optim_tensors, optimizer_step, write_params)
+
+
+@dataclass
+class OptimisticConfig(GradConfig):
+    form: str = "paper"  # paper (two-state optimistic OGD) | momentum (released code)
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9  # form="momentum" only
+
+    def validate(self, name: str) -> None:
+        super().validate(name)
+        require(self.form in ("paper", "momentum"), f"{name}: form must be 'paper' or 'momentum', got {self.form!r}")
+
+
+@torch.no_grad()
+def optimistic_step(shadow: list[torch.Tensor], hint: list[torch.Tensor], grad: list[torch.Tensor],
+                    lr: float) -> list[torch.Tensor]:
+    """In place: w^ <- w^ - lr*g; h <- g. Returns the new deployed w = w^ - lr*h."""
+    torch._foreach_add_(shadow, grad, alpha=-lr)
+    for h, g in zip(hint, grad):
+        h.copy_(g)
+    return deployed_weights(shadow, hint, lr)
+
+
+def deployed_weights(shadow: list[torch.Tensor], hint: list[torch.Tensor], lr: float) -> list[torch.Tensor]:
+    return torch._foreach_add(shadow, hint, alpha=-lr)
+
+
+class OptimisticUpdater(GradientUpdater):
+    name = "optimistic"
+    Config = OptimisticConfig
+
+    def init_weights(self) -> None:
+        c = self.cfg
+        self.shadow = fp32_copy(self.params)  # w^_1 = current draft, h_1 = 0  ->  w_1 = w^_1
+        self.hint = [torch.zeros_like(s) for s in self.shadow]
+        self.opt = (make_optimizer("sgd", self.shadow, c.lr, c.momentum, c.weight_decay)
+                    if c.form == "momentum" else None)
+        self._deployed = self.shadow if self.opt else deployed_weights(self.shadow, self.hint, c.lr)
+
+    def deployed(self) -> list[torch.Tensor]:
+        return self._deployed
+
+    def step(self, batch: list[Round], n_new: int) -> bool:
+        _, grads = self.losses_and_grads(batch)  # g_t at the deployed w_t
+        if grads is None:
+            return False
+        if self.opt is not None:
+            optimizer_step(self.opt, self.shadow, grads)
+            self._deployed = self.shadow
+        else:
+            self._deployed = optimistic_step(self.shadow, self.hint, grads, self.cfg.lr)
+        write_params(self.params, self._deployed)
+        return True
+
+    def stats(self) -> dict[str, Any]:
+        s = super().stats()
+        s["form"] = self.cfg.form
+        if self.opt is None:
+            s["hint_norm"] = float(torch.linalg.vector_norm(torch.stack([h.norm() for h in self.hint])))
+        return s
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        t = {f"shadow.{i}": s for i, s in enumerate(self.shadow)}
+        t.update({f"hint.{i}": h for i, h in enumerate(self.hint)})
+        if self.opt is not None:
+            t.update(optim_tensors(self.opt, "opt"))
+        return t
+
+    def extra_json(self) -> dict[str, Any]:
+        return {"opt": optim_json(self.opt)} if self.opt is not None else {}
+
+    def load_extra(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        c = self.cfg
+        self.shadow = load_list(tensors, "shadow", self.shadow)
+        self.hint = load_list(tensors, "hint", self.hint)
+        if self.opt is not None:
+            self.opt = make_optimizer("sgd", self.shadow, c.lr, c.momentum, c.weight_decay)
+            load_optim(self.opt, tensors, meta["opt"], "opt")
+            self._deployed = self.shadow
+        else:
+            self._deployed = deployed_weights(self.shadow, self.hint, c.lr)
