@@ -1,0 +1,485 @@
+"""`onlinespec bench`: side-by-side runs on the same prompts, in one process, interleaved.
+
+Runs (each repetition starts every draft from the same initial weights):
+  target_ar      plain autoregressive decoding through the engine (k = 0): the baseline
+  hf_assisted    Hugging Face assisted generation, target.generate(assistant_model=draft)
+  frozen         the engine with the offline draft, never updated
+  <updater>      the engine with each registered online updater
+Prompt i is run by every method before prompt i+1 (the order rotates per prompt), so a noisy
+machine slows all methods alike; warm-up runs are excluded from timing.
+
+Per run: tau, tokens/s (median, min, max over repetitions), speedup vs target_ar and vs
+hf_assisted (per repetition, then median), update_fraction = update time / wall time,
+per-topic tau and speedup, target forwards per token, and the analytic bound
+tau / (1 + k*c) with c = draft/target per-token decode cost (measured here).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+
+from .errors import require
+from .runner import add_pair_args, load_items, load_pair_from_args, machine_info, parse_value
+
+AR, HF, HF_AR = "target_ar", "hf_assisted", "hf_target_only"
+EXTRA_METHODS = (HF_AR,)  # only when asked for with --methods
+
+
+@dataclass
+class BenchConfig:
+    k: int = 4
+    max_new_tokens: int = 64
+    reps: int = 3
+    warmup_tokens: int = 16
+    seed: int = 0
+    methods: list[str] | None = None  # None: target_ar, hf_assisted, then every registered updater
+    updater_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cost_tokens: int = 48  # decode steps per cost measurement (c)
+    bookkeeping_prompts: int = 4  # prompts for the target-as-its-own-draft overhead run
+    progress: bool = True
+
+
+@dataclass
+class PromptResult:
+    """One method on one prompt."""
+    topic: str
+    token_ids: list[int]
+    wall_s: float
+    forwards: int  # target forward passes
+    drafted: int = 0  # draft forward passes (= drafted tokens)
+    tau_sum: int = 0  # sum over rounds of accepted + 1 (engine methods)
+    update_s: float = 0.0
+    bookkeeping_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+
+
+class Method(Protocol):
+    name: str
+
+    def run(self, ids: list[int], max_new_tokens: int) -> PromptResult: ...
+
+
+# ---- methods -----------------------------------------------------------------------------------
+def clone_pair(pair):
+    """The same pair with its own deep copy of the draft (the target and tokenizer are shared)."""
+    if pair.draft is None:
+        return pair
+    pair.draft.reset()
+    memo: dict[int, Any] = {id(pair.target): pair.target, id(pair.tokenizer): pair.tokenizer}
+    for t in (*pair.target.modules(), *pair.target.parameters(), *pair.target.buffers()):
+        memo[id(t)] = t
+    return dataclasses.replace(pair, draft=copy.deepcopy(pair.draft, memo))
+
+
+class EngineMethod:
+    """The engine with an updater (or target-only when target_only)."""
+
+    def __init__(self, name: str, pair, k: int, seed: int, updater: str = "frozen",
+                 options: dict[str, Any] | None = None, target_only: bool = False) -> None:
+        from .engine import Engine
+        self.name, self.target_only = name, target_only
+        self.engine = Engine(pair if target_only else clone_pair(pair), k=k, seed=seed,
+                             updater=updater, updater_options=options or {})
+
+    def run(self, ids: list[int], max_new_tokens: int) -> PromptResult:
+        t0 = time.perf_counter()
+        out = self.engine.generate(ids, max_new_tokens, target_only=self.target_only)
+        wall = time.perf_counter() - t0
+        rs = out.rounds
+        return PromptResult("", out.token_ids, wall, len(rs), sum(r.k for r in rs),
+                            sum(r.tau for r in rs), sum(r.update_s for r in rs),
+                            sum(r.bookkeeping_s for r in rs), sum(r.draft_s for r in rs),
+                            sum(r.verify_s for r in rs))
+
+
+class _Counter:
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.n = 0
+        self.handle = module.register_forward_pre_hook(self)
+
+    def __call__(self, *_: Any) -> None:
+        self.n += 1
+
+
+class HFMethod:
+    """target.generate, greedy, with (assisted) or without an assistant model."""
+
+    def __init__(self, name: str, pair, assisted: bool) -> None:
+        self.name, self.pair = name, pair
+        self.assistant = None
+        if assisted:
+            model = getattr(pair.draft, "model", None)
+            require(isinstance(model, torch.nn.Module) and hasattr(model, "generate"),
+                    f"hf_assisted needs a draft that is a Hugging Face causal LM (draft kind 'lm'); "
+                    f"this pair's draft is {getattr(pair.draft, 'kind', None)!r}: leave hf_assisted "
+                    "out of --methods")
+            self.assistant = clone_pair(pair).draft.model  # its own copy: HF adapts its settings
+        tok = pair.tokenizer
+        eos = pair.target.generation_config.eos_token_id
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (
+            eos[0] if isinstance(eos, (list, tuple)) else eos)
+        self.kw = dict(do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=eos)
+
+    @torch.inference_mode()
+    def run(self, ids: list[int], max_new_tokens: int) -> PromptResult:
+        x = torch.tensor([ids], device=self.pair.device)
+        kw = dict(self.kw, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens)
+        if self.assistant is not None:
+            kw["assistant_model"] = self.assistant
+        tc = _Counter(self.pair.target)
+        dc = _Counter(self.assistant) if self.assistant is not None else None
+        try:
+            t0 = time.perf_counter()
+            out = self.pair.target.generate(x, **kw)
+            wall = time.perf_counter() - t0
+        finally:
+            tc.handle.remove()
+            if dc is not None:
+                dc.handle.remove()
+        new = out[0, len(ids):].tolist()
+        return PromptResult("", new, wall, tc.n, dc.n if dc else 0, len(new))
+
+
+def default_methods(pair) -> list[str]:
+    from .updaters import available_updaters
+    names = [AR]
+    if pair.draft is not None and hasattr(pair.draft, "model"):
+        names.append(HF)
+    ups = available_updaters()
+    return names + (["frozen"] if "frozen" in ups else []) + [u for u in ups if u != "frozen"]
+
+
+def check_methods(names: list[str]) -> None:
+    from .updaters import available_updaters
+    known = [AR, HF, *EXTRA_METHODS, *available_updaters()]
+    for n in names:
+        require(n in known, f"unknown bench method {n!r}; choose from {', '.join(known)}")
+
+
+def make_method(name: str, pair, cfg: BenchConfig) -> Method:
+    if name == AR:
+        return EngineMethod(name, pair, cfg.k, cfg.seed, target_only=True)
+    if name in (HF, HF_AR):
+        return HFMethod(name, pair, assisted=name == HF)
+    return EngineMethod(name, pair, cfg.k, cfg.seed, updater=name,
+                        options=cfg.updater_options.get(name, {}))
+
+
+# ---- measurements outside the runs --------------------------------------------------------------
+@torch.inference_mode()
+def decode_cost_s(model: torch.nn.Module, prompt: list[int], n: int) -> float:
+    """Seconds per single-token cached forward (greedy), after a prefill."""
+    from transformers import DynamicCache
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=torch.tensor([prompt], device=model.device), cache=cache, use_cache=True,
+                logits_to_keep=1)
+    x = out.logits[:, -1:].argmax(-1)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        x = model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+    return (time.perf_counter() - t0) / n
+
+
+def measure_c(pair, prompt: list[int], n: int, reps: int = 5) -> dict[str, Any]:
+    """c = draft/target per-token decode cost, interleaved repetitions, medians."""
+    model = getattr(pair.draft, "model", None)
+    if not isinstance(model, torch.nn.Module):
+        return {"c": None, "note": "draft is not a standalone LM; see c_in_engine"}
+    decode_cost_s(pair.target, prompt, 4)
+    decode_cost_s(model, prompt, 4)  # warm-up
+    t, d = [], []
+    for _ in range(reps):
+        t.append(decode_cost_s(pair.target, prompt, n))
+        d.append(decode_cost_s(model, prompt, n))
+    tm, dm = statistics.median(t), statistics.median(d)
+    return {"c": dm / tm, "target_ms_per_token": tm * 1e3, "draft_ms_per_token": dm * 1e3}
+
+
+def measure_bookkeeping(pair, prompts: list[list[int]], cfg: BenchConfig) -> dict[str, Any]:
+    """The target as its own draft (every token accepted): per-round engine overhead."""
+    from .drafts.lm import LMDraft
+    from .engine import Engine
+    self_pair = dataclasses.replace(pair, draft=LMDraft(pair.target, vocab_size=pair.target.config.vocab_size))
+    eng = Engine(self_pair, k=cfg.k, seed=cfg.seed)
+    eng.generate(prompts[0], cfg.warmup_tokens)
+    wall = bk = rounds_wall = 0.0
+    rounds = tokens = 0
+    for ids in prompts:
+        t0 = time.perf_counter()
+        out = eng.generate(ids, cfg.max_new_tokens)
+        wall += time.perf_counter() - t0
+        bk += sum(r.bookkeeping_s for r in out.rounds)
+        rounds_wall += sum(r.wall_s for r in out.rounds)
+        rounds += len(out.rounds)
+        tokens += len(out.token_ids)
+    return {"bookkeeping_fraction": bk / wall, "outside_rounds_fraction": 1 - rounds_wall / wall,
+            "bookkeeping_ms_per_round": bk / rounds * 1e3, "tau": tokens / rounds, "rounds": rounds,
+            "prompts": len(prompts)}
+
+
+# ---- the benchmark ----------------------------------------------------------------------------
+def run_bench(pair, items, cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    names = cfg.methods or default_methods(pair)
+    check_methods(names)
+    require(cfg.reps >= 1, f"--reps must be >= 1; got {cfg.reps}")
+    require(AR in names, f"the bench needs {AR!r} among the methods (the baseline)")
+    encode = lambda s: pair.tokenizer(s)["input_ids"]  # noqa: E731
+    prompts = [encode(it.prompt) for it in items]
+    require(all(prompts), "a prompt in the stream encodes to no tokens; remove empty prompts")
+    machine = machine_info()
+
+    log(f"warm-up: {', '.join(names)}")
+    for name in names:  # throwaway instances: kernels, allocator, first autograd pass
+        m = make_method(name, pair, cfg)
+        for ids in prompts[:2]:
+            m.run(ids, cfg.warmup_tokens)
+    cost = measure_c(pair, prompts[0], cfg.cost_tokens)
+
+    results: dict[str, list[list[PromptResult]]] = {n: [] for n in names}  # name -> rep -> prompts
+    from tqdm.auto import tqdm
+    bar = tqdm(total=cfg.reps * len(prompts) * len(names), unit="run", disable=not cfg.progress,
+               dynamic_ncols=True)
+    for rep in range(cfg.reps):
+        methods = {n: make_method(n, pair, cfg) for n in names}  # fresh drafts each repetition
+        for n in names:
+            results[n].append([])
+        for i, (item, ids) in enumerate(zip(items, prompts)):
+            s = (i + rep) % len(names)
+            for n in names[s:] + names[:s]:  # rotate the order: no method always runs first
+                r = methods[n].run(ids, cfg.max_new_tokens)
+                r.topic = item.topic
+                results[n][rep].append(r)
+                bar.update(1)
+        bar.set_postfix(rep=rep + 1)
+    bar.close()
+    bk = measure_bookkeeping(pair, prompts[: cfg.bookkeeping_prompts], cfg)
+    runs = summarize(results, names, cfg, cost.get("c"))
+    machine["loadavg_end"] = machine_info()["loadavg"]
+    return {"runs": runs, "machine": machine, "cost": cost, "bookkeeping_target_as_draft": bk,
+            "topics": _topics(items), "n_prompts": len(items),
+            "config": {**dataclasses.asdict(cfg), "methods": names, "pair": pair.name,
+                       "target": pair.target_source, "draft": pair.draft_source,
+                       "draft_kind": pair.draft_kind}}
+
+
+def _topics(items) -> list[str]:
+    out: list[str] = []
+    for it in items:
+        if it.topic not in out:
+            out.append(it.topic)
+    return out
+
+
+@dataclass
+class Totals:
+    tokens: int = 0
+    wall_s: float = 0.0
+    forwards: int = 0
+    drafted: int = 0
+    tau_sum: int = 0
+    update_s: float = 0.0
+    bookkeeping_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+
+    def add(self, r: PromptResult) -> None:
+        self.tokens += len(r.token_ids)
+        self.wall_s += r.wall_s
+        self.forwards += r.forwards
+        self.drafted += r.drafted
+        self.tau_sum += r.tau_sum
+        self.update_s += r.update_s
+        self.bookkeeping_s += r.bookkeeping_s
+        self.draft_s += r.draft_s
+        self.verify_s += r.verify_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens per target forward, counting the bonus/correction (accepted + 1)."""
+        return self.tau_sum / self.forwards if self.forwards else 0.0
+
+
+def _totals(rs: list[PromptResult], topic: str | None = None, skip_topic: str | None = None) -> Totals:
+    t = Totals()
+    for r in rs:
+        if (topic is None or r.topic == topic) and (skip_topic is None or r.topic != skip_topic):
+            t.add(r)
+    return t
+
+
+def _stats(xs: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def summarize(results: dict[str, list[list[PromptResult]]], names: list[str], cfg: BenchConfig,
+              c: float | None) -> list[dict[str, Any]]:
+    reps = range(cfg.reps)
+    topics = _topics(results[names[0]][0])
+    first = topics[0] if topics else None
+
+    def tps(name: str, rep: int, topic: str | None = None) -> float:
+        return _totals(results[name][rep], topic).tokens_per_s
+
+    ar_ids = [r.token_ids for r in results[AR][0]]
+    frozen_after = _totals(results["frozen"][0], skip_topic=first).tau if "frozen" in results else None
+    ar_verify = _totals(results[AR][0])
+    ar_s_per_forward = ar_verify.verify_s / ar_verify.forwards if ar_verify.forwards else None
+    runs = []
+    for n in names:
+        tot = [_totals(results[n][rep]) for rep in reps]
+        t0 = tot[0]
+        run: dict[str, Any] = {
+            "name": n,
+            "tau": statistics.mean(t.tau for t in tot),
+            "tokens_per_s": statistics.median(t.tokens_per_s for t in tot),
+            "tokens_per_s_reps": _stats([t.tokens_per_s for t in tot]),
+            "speedup_vs_ar": statistics.median(tps(n, r) / tps(AR, r) for r in reps),
+            "speedup_vs_ar_reps": _stats([tps(n, r) / tps(AR, r) for r in reps]),
+            "update_fraction": statistics.median(t.update_s / t.wall_s for t in tot),
+            "target_forwards_per_token": t0.forwards / t0.tokens if t0.tokens else 0.0,
+            "tokens": t0.tokens, "wall_s": [t.wall_s for t in tot],
+            "drafted_per_forward": t0.drafted / t0.forwards if t0.forwards else 0.0,
+            "matches_target": [r.token_ids for r in results[n][0]] == ar_ids,
+        }
+        if HF in results:
+            run["speedup_vs_hf_assisted"] = statistics.median(tps(n, r) / tps(HF, r) for r in reps)
+        if n not in (AR, HF_AR):
+            if n != HF:
+                run["bookkeeping_fraction"] = statistics.median(t.bookkeeping_s / t.wall_s for t in tot)
+            if c is not None:  # the ideal speedup for this tau and this many drafts per forward
+                run["bound"] = run["tau"] / (1 + run["drafted_per_forward"] * c)
+                run["fraction_of_bound"] = run["speedup_vs_ar"] / run["bound"]
+            if n != HF and t0.drafted and ar_s_per_forward:
+                run["c_in_engine"] = (t0.draft_s / t0.drafted) / ar_s_per_forward
+                run["verify_cost_vs_ar_forward"] = (t0.verify_s / t0.forwards) / ar_s_per_forward
+        after = [_totals(results[n][r], skip_topic=first).tau for r in reps]
+        if len(topics) > 1:
+            run["tau_after_shift"] = statistics.mean(after)
+            if frozen_after:
+                run["tau_after_shift_vs_frozen"] = run["tau_after_shift"] / frozen_after
+        run["per_topic"] = {
+            tp: {"tau": statistics.mean(_totals(results[n][r], tp).tau for r in reps),
+                 "tokens_per_s": statistics.median(tps(n, r, tp) for r in reps),
+                 "speedup_vs_ar": statistics.median(tps(n, r, tp) / tps(AR, r, tp) for r in reps)}
+            for tp in topics}
+        runs.append(run)
+    return runs
+
+
+# ---- output ----------------------------------------------------------------------------------
+def _f(x: Any, fmt: str = ".2f", suffix: str = "") -> str:
+    return "-" if x is None else f"{x:{fmt}}{suffix}"
+
+
+def markdown_tables(report: dict[str, Any]) -> str:
+    runs, topics = report["runs"], report["topics"]
+    cfg, cost, m = report["config"], report["cost"], report["machine"]
+    lines = [f"k = {cfg['k']}, {report['n_prompts']} prompts x {cfg['max_new_tokens']} new tokens, greedy, "
+             f"{cfg['reps']} repetitions (median; min..max), {m['torch_threads']} torch thread(s) on "
+             f"{m['cpu_count']} cores; c = {_f(cost.get('c'), '.3f')} "
+             f"(draft {_f(cost.get('draft_ms_per_token'))} ms / target {_f(cost.get('target_ms_per_token'))} ms "
+             "per token)", "",
+             "| method | tau | tokens/s | speedup vs AR | vs HF assisted | bound tau/(1+kc) | % of bound "
+             "| update fraction | lossless |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        tr = r["tokens_per_s_reps"]
+        frac = r.get("fraction_of_bound")
+        lines.append(
+            f"| {r['name']} | {r['tau']:.2f} | {r['tokens_per_s']:.1f} ({tr['min']:.1f}..{tr['max']:.1f}) "
+            f"| {r['speedup_vs_ar']:.2f}x | {_f(r.get('speedup_vs_hf_assisted'), '.2f', 'x')} "
+            f"| {_f(r.get('bound'), '.2f', 'x')} | {_f(None if frac is None else 100 * frac, '.0f', '%')} "
+            f"| {r['update_fraction']:.3f} | {'yes' if r['matches_target'] else 'NO'} |")
+    lines += ["", "tau / speedup vs AR per topic (in stream order):", "",
+              "| method | " + " | ".join(topics) + " | after first shift |",
+              "|---|" + "---|" * (len(topics) + 1)]
+    for r in runs:
+        cells = [f"{r['per_topic'][t]['tau']:.2f} / {r['per_topic'][t]['speedup_vs_ar']:.2f}x" for t in topics]
+        after = r.get("tau_after_shift")
+        rel = r.get("tau_after_shift_vs_frozen")
+        cells.append("-" if after is None else f"{after:.2f}" + ("" if rel is None else f" ({rel:.2f}x frozen)"))
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    b = report.get("bookkeeping_target_as_draft")
+    if b:
+        lines += ["", f"Target as its own draft (tau {b['tau']:.2f}): bookkeeping {100 * b['bookkeeping_fraction']:.1f}% "
+                      f"of wall ({b['bookkeeping_ms_per_round']:.2f} ms/round), outside rounds "
+                      f"{100 * b['outside_rounds_fraction']:.1f}%."]
+    return "\n".join(lines)
+
+
+def parse_scoped_options(pairs: list[str] | None) -> dict[str, dict[str, Any]]:
+    """'ensemble:lrs=[1e-4,2e-4]' -> {"ensemble": {"lrs": [...]}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for p in pairs or []:
+        head, sep, value = p.partition("=")
+        name, colon, key = head.partition(":")
+        require(bool(sep and colon and name and key),
+                f"--updater-option {p!r} must look like UPDATER:key=value (e.g. ogd:lr=1e-3)")
+        out.setdefault(name.strip(), {})[key.strip()] = parse_value(value)
+    return out
+
+
+def build_argparser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="onlinespec bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_pair_args(ap)
+    ap.add_argument("--methods", default=None,
+                    help=f"comma-separated runs (default: {AR},{HF},frozen,<every registered updater>; "
+                         f"also {', '.join(EXTRA_METHODS)})")
+    ap.add_argument("--updater-option", action="append", metavar="UPDATER:KEY=VALUE", default=[])
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of the whole stream")
+    ap.add_argument("--warmup-tokens", type=int, default=16)
+    ap.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON")
+    ap.add_argument("--table", action="store_true", help="print paper-style Markdown tables")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_argparser().parse_args(argv)
+    from .updaters import make_updater
+    opts = parse_scoped_options(args.updater_option)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    if methods:
+        check_methods(methods)
+    for name, o in opts.items():
+        check_methods([name])
+        make_updater(name, **o)  # bad options fail before the models load
+    items = load_items(args.stream, args.limit)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pair = load_pair_from_args(args)
+    cfg = BenchConfig(k=args.k, max_new_tokens=args.max_new_tokens, reps=args.reps,
+                      warmup_tokens=args.warmup_tokens, seed=args.seed, methods=methods,
+                      updater_options=opts, progress=not args.no_progress)
+    report = run_bench(pair, items, cfg, log=lambda s: print(s, file=sys.stderr))
+    report["command"] = "onlinespec bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    if args.table:
+        print(markdown_tables(report))
+    else:
+        for r in report["runs"]:
+            print(f"{r['name']:>16}: tau {r['tau']:.2f}  {r['tokens_per_s']:.1f} tok/s  "
+                  f"{r['speedup_vs_ar']:.2f}x vs AR  update {r['update_fraction']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
