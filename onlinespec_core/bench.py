@@ -457,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     if methods:
         check_methods(methods)
+        require(AR in methods, f"the bench needs {AR!r} among the methods (the baseline)")
     for name, o in opts.items():
         check_methods([name])
         make_updater(name, **o)  # bad options fail before the models load

@@ -159,7 +159,7 @@ def run_engine(engine, items, cfg: RunConfig) -> Iterator[tuple[str, Any]]:
             t_prompt = time.perf_counter()
         elif ev.kind == "round":
             row = round_row(ev.round, engine.updater_name, time.perf_counter() - t_start)
-            w = ensemble_weights(engine.updater.stats()) if ev.round.k > 0 else None
+            w = ensemble_weights(engine.updater.stats())
             yield "round", (ev.round, row, w)
         elif ev.kind in ("done", "stopped"):
             s = ev.data["stats"]
