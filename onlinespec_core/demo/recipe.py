@@ -44,7 +44,7 @@ PRESETS = {
         "vocab_size": 8192,
         "target": dict(hidden=384, layers=8, ffn=1152, heads=6, kv_heads=2),
         "draft": dict(hidden=128, layers=1, ffn=384, heads=2, kv_heads=1),
-        "seq_len": 256, "batch_size": 16, "lr": 1.5e-3, "max_tokens": 24_000_000, "warmup": 100,
+        "seq_len": 256, "batch_size": 16, "lr": 2e-3, "max_tokens": 24_000_000, "warmup": 100,
         "draft_batch": 16, "draft_lr": 3e-3, "draft_minutes": 6.0, "draft_max_tokens": 3_000_000,
         "streams": dict(n_single=40, n_shift=25, n_shift_short=8),
         "eval_tokens": 60_000,
