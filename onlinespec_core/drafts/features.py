@@ -1,0 +1,257 @@
+"""Shared parts of the feature-level drafts (eagle, hydra).
+
+- Readout: the target's frozen token embeddings and lm_head (+ final norm when the hidden
+  states the engine hands over are pre-norm). In transformers 5.x, out.hidden_states[-1] of
+  Llama / Qwen2 / GPT-2 is AFTER the final norm (lm_head(h) == logits), so feature drafts
+  predict post-norm features and read tokens with lm_head alone (EAGLE-1's choice); the check
+  runs once per target, so a family whose last hidden state is pre-norm gets norm + lm_head.
+- family_body: one decoder layer of the target's own family (an HF base model with 1 layer,
+  no token embeddings, no final norm), so masks, rotary and KV caching are HF's own code.
+- FeatureSeq: the target's features of the sequence being decoded (positions 0..n-1).
+- RecordBook: what each proposal was computed from, so train_logits(round) can recompute the
+  same logits with grad later (updaters may buffer rounds across prompts).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModel, PreTrainedModel
+
+from ..errors import OnlineSpecError
+from .base import pad_vocab
+
+CONFIG_NAME = "draft_config.json"
+WEIGHTS_NAME = "model.safetensors"
+NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f")
+
+
+def plain(t: torch.Tensor) -> torch.Tensor:
+    """Tensors made under inference_mode cannot be saved for backward: copy them out."""
+    return t.clone() if t.is_inference() else t
+
+
+def final_norm(model: nn.Module) -> nn.Module | None:
+    base = getattr(model, "base_model", model)
+    for name in NORM_NAMES:
+        m = getattr(base, name, None)
+        if isinstance(m, nn.Module):
+            return m
+    return None
+
+
+class Readout:
+    """Frozen target parts, held outside draft.module so updaters never train them."""
+
+    def __init__(self, target: PreTrainedModel) -> None:
+        self.embed = target.get_input_embeddings()
+        self.lm_head = target.get_output_embeddings()
+        self.vocab_size = target.config.vocab_size
+        self.norm = None if features_are_normed(target) else final_norm(target)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def embed_ids(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.embed(ids).to(dtype)
+
+    def logits(self, feat: torch.Tensor) -> torch.Tensor:
+        """[..., H] predicted features -> [..., V] fp32 logits (norm only when features are pre-norm)."""
+        x = feat.to(self.dtype)
+        if self.norm is not None:
+            x = self.norm(x)
+        return pad_vocab(self.lm_head(x).float(), self.vocab_size)
+
+
+_NORMED: dict[int, bool] = {}
+
+
+@torch.inference_mode()
+def features_are_normed(target: PreTrainedModel) -> bool:
+    """True when lm_head(out.hidden_states[-1]) reproduces the logits (post-norm features)."""
+    key = id(target)
+    if key not in _NORMED:
+        dev = target.get_input_embeddings().weight.device
+        ids = torch.tensor([[0, 1, 2]], device=dev) % target.config.vocab_size
+        out = target(input_ids=ids, output_hidden_states=True, use_cache=False)
+        h = out.hidden_states[-1]
+        ok = torch.allclose(target.get_output_embeddings()(h).float(), out.logits.float(),
+                            atol=1e-3, rtol=1e-3)
+        if not ok:
+            norm = final_norm(target)
+            if norm is None or not torch.allclose(target.get_output_embeddings()(norm(h)).float(),
+                                                  out.logits.float(), atol=1e-3, rtol=1e-3):
+                warnings.warn(f"{type(target).__name__}: logits are not lm_head(last hidden state) "
+                              "(softcapping/scaling?); the feature draft still works (lossless) but "
+                              "reads tokens approximately", stacklevel=2)
+        _NORMED[key] = ok
+    return _NORMED[key]
+
+
+def family_body(target_config: Any, trust_remote_code: bool = False) -> nn.Module:
+    """A 1-layer base model of the target's family: inputs_embeds -> one decoder layer -> out."""
+    cfg = copy.deepcopy(target_config)
+    cfg.num_hidden_layers = 1
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = list(cfg.layer_types[:1])
+    cfg.vocab_size = 1  # inputs are fed as embeddings; the token table stays in the target
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, None)
+    for name, v in list(vars(cfg).items()):  # no dropout: training must see what inference sees
+        if isinstance(v, float) and ("dropout" in name or name.endswith("pdrop")):
+            setattr(cfg, name, 0.0)
+    cfg.use_cache = True
+    try:
+        body = AutoModel.from_config(cfg, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise OnlineSpecError(
+            f"cannot build a decoder layer of the target's family ({cfg.model_type}: {e}); "
+            "feature drafts need a model type AutoModel knows (pass trust_remote_code=True only if "
+            "you trust the model's code)") from e
+    for name in ("embed_tokens", "wte", "embed_in", "word_embeddings"):
+        if isinstance(getattr(body, name, None), nn.Embedding):
+            setattr(body, name, None)
+    for name in NORM_NAMES:
+        if isinstance(getattr(body, name, None), nn.Module):
+            setattr(body, name, nn.Identity())
+    return body
+
+
+def run_body(body: nn.Module, x: torch.Tensor, start: int, cache: Any = None) -> torch.Tensor:
+    """x [n, H] at sequence positions start..start+n-1 -> [n, H] (cache extended when given)."""
+    pos = torch.arange(start, start + x.shape[0], device=x.device)[None]
+    out = body(inputs_embeds=x[None], position_ids=pos, cache=cache, use_cache=cache is not None)
+    return out.last_hidden_state[0]
+
+
+class FeatureSeq:
+    """Target features of one sequence, positions 0..n-1, in a growing buffer. Views [:n] handed
+    out earlier stay valid: positions below n are never overwritten in place."""
+
+    def __init__(self, hidden: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.buf = torch.empty(64, hidden, device=device, dtype=dtype)
+        self.n = 0
+
+    def put(self, start: int, hidden: torch.Tensor) -> None:
+        if start > self.n:  # a gap: positions n..start-1 unknown; keep what is contiguous
+            return
+        end = start + hidden.shape[0]
+        if start < self.n or end > self.buf.shape[0]:  # copy-on-write / grow (x2)
+            new = torch.empty(max(end, 2 * self.buf.shape[0]), self.buf.shape[1],
+                              device=self.buf.device, dtype=self.buf.dtype)
+            new[:start] = self.buf[:start]
+            self.buf = new
+        with torch.inference_mode(self.buf.is_inference()):  # write in the buffer's own mode
+            self.buf[start:end] = hidden.to(self.buf.dtype)
+        self.n = end
+
+    def view(self, n: int | None = None) -> torch.Tensor:
+        return self.buf[: self.n if n is None else n]
+
+
+@dataclass
+class Record:
+    """What one proposal read: the sequence, real features 0..n_real-1, and the (predicted)
+    inputs fed after them, so the same logits can be recomputed with grad later."""
+    seq: torch.Tensor  # [L] ids at proposal time
+    feats: torch.Tensor  # [n_real, H] real target features (a view)
+    extra: torch.Tensor  # [m, H] draft-side inputs at positions n_real.. (eagle) / base state (hydra)
+    drafted: tuple[int, ...]
+
+
+class RecordBook:
+    """Bounded map (context_len, drafted) -> records; the context tail disambiguates."""
+
+    def __init__(self, max_records: int = 4096) -> None:
+        self.max_records = max_records
+        self.book: OrderedDict[tuple, list[Record]] = OrderedDict()
+        self.count = 0
+
+    def add(self, rec: Record) -> None:
+        key = (rec.seq.numel(), rec.drafted)
+        self.book.setdefault(key, []).append(rec)
+        self.book.move_to_end(key)
+        self.count += 1
+        while self.count > self.max_records:
+            _, recs = self.book.popitem(last=False)
+            self.count -= len(recs)
+
+    def find(self, context_len: int, drafted: list[int], tail: torch.Tensor | None) -> Record:
+        recs = self.book.get((context_len, tuple(drafted)), [])
+        for rec in reversed(recs):
+            if tail is None or torch.equal(rec.seq[context_len - tail.numel():].cpu(), tail.cpu()):
+                return rec
+        raise OnlineSpecError(
+            "this round's proposal is no longer known to the draft (it keeps the last "
+            f"{self.max_records} proposals, and none after a reset of the draft's weights); "
+            "compute the loss within max_records rounds of the proposal")
+
+    def clear(self) -> None:
+        self.book.clear()
+        self.count = 0
+
+
+def save_head(module: nn.Module, path: str | Path, config: dict[str, Any],
+              dtype: torch.dtype | None = None) -> None:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
+          for k, v in module.state_dict().items()}
+    save_file(sd, str(path / WEIGHTS_NAME), metadata={"format": "pt", "kind": config["kind"]})
+    (path / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+
+
+def read_head_config(path: str | Path, kind: str) -> dict[str, Any]:
+    p = Path(path).expanduser()
+    fix = f"train one with `onlinespec train-draft --kind {kind} --target DIR --data FILE --out DIR`, " \
+          f"or pass draft=None for a freshly initialised {kind} head"
+    if not p.is_dir():
+        raise OnlineSpecError(f"{kind} draft directory {str(path)!r} does not exist; {fix}")
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (p / name).is_file():
+            raise OnlineSpecError(f"{kind} draft directory {str(path)!r} has no {name}; {fix}")
+    try:
+        cfg = json.loads((p / CONFIG_NAME).read_text())
+    except Exception as e:
+        raise OnlineSpecError(f"{p / CONFIG_NAME} is not valid JSON ({e}); {fix}") from e
+    if cfg.get("kind") != kind:
+        raise OnlineSpecError(f"{str(path)!r} holds a {cfg.get('kind')!r} draft, not {kind!r}; "
+                              f"load it with draft_kind={cfg.get('kind')!r}")
+    return cfg
+
+
+def check_target(cfg: dict[str, Any], target: PreTrainedModel, path: str | Path) -> None:
+    want = cfg.get("target", {})
+    have = target_fingerprint(target)
+    bad = [k for k in ("hidden_size", "vocab_size", "model_type") if k in want and want[k] != have[k]]
+    if bad:
+        raise OnlineSpecError(
+            f"the {cfg['kind']} head in {str(path)!r} was trained for a different target "
+            f"({', '.join(f'{k}={want[k]} vs {have[k]}' for k in bad)}); load it with the target it "
+            "was trained on, or warm up a new head with `onlinespec train-draft`")
+
+
+def load_weights(module: nn.Module, path: str | Path) -> None:
+    sd = load_file(str(Path(path) / WEIGHTS_NAME))
+    own = module.state_dict()
+    try:
+        module.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in sd.items()},
+                               strict=True)
+    except RuntimeError as e:
+        raise OnlineSpecError(f"weights in {str(path)!r} do not fit this head ({str(e)[:300]}); "
+                              "the config and weights come from different heads: save it again") from e
+
+
+def target_fingerprint(target: PreTrainedModel) -> dict[str, Any]:
+    c = target.config
+    return {"model_type": c.model_type, "hidden_size": c.hidden_size, "vocab_size": c.vocab_size}

@@ -1,0 +1,211 @@
+"""Draft kind "hydra": sequentially dependent heads on the target's last hidden state
+(Hydra, Ankner et al. 2024).
+
+With h_t the target's last hidden state at t (it produced x_{t+1}), head i (1..n, default 4)
+predicts x_{t+1+i} from [h_t; e(x_{t+1}); ...; e(x_{t+i})], the embeddings of the tokens before
+it (drafted ones at inference), and reads tokens through the target's frozen lm_head. Drafting
+k > n reuses the last head on the last n embeddings. Optional prefix layer (Hydra++): one
+decoder layer of the target's family over h_0..h_t first. Loss: soft CE vs the target's p.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel
+
+from ..feedback import Round
+from ..sampling import SamplingConfig, logits_to_probs, sample
+from .base import Proposal, crop_cache
+from .eagle import _config, build_module
+from .features import (FeatureSeq, Readout, Record, RecordBook, check_target, family_body, load_weights,
+                       plain, read_head_config, run_body, save_head, target_fingerprint)
+
+
+@dataclass
+class HydraConfig:
+    n_heads: int = 4
+    n_layers: int = 1  # residual SiLU blocks per head after its input projection
+    prefix: bool = False  # one decoder layer of the target's family over the features first
+    train_window: int = 512  # features re-read by train_logits when prefix=True
+    max_records: int = 4096
+    seed: int = 0
+
+
+class ResBlock(nn.Module):
+    def __init__(self, h: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(h, h)
+        nn.init.zeros_(self.linear.weight)  # starts as the identity (Medusa/Hydra init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.silu(self.linear(x))
+
+
+class HydraHeads(nn.Module):
+    def __init__(self, target_config: Any, cfg: HydraConfig, trust_remote_code: bool = False) -> None:
+        super().__init__()
+        h = target_config.hidden_size
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.Linear((i + 2) * h, h), *[ResBlock(h) for _ in range(cfg.n_layers)])
+            for i in range(cfg.n_heads))
+        self.prefix = family_body(target_config, trust_remote_code) if cfg.prefix else None
+
+    def base(self, feats: torch.Tensor, start: int = 0, cache: Any = None) -> torch.Tensor:
+        """h_t: the features themselves, or the prefix layer over them ([n, H] or [B, T, H])."""
+        if self.prefix is None:
+            return feats
+        if feats.dim() == 3:
+            return self.prefix(inputs_embeds=feats, use_cache=False).last_hidden_state
+        return run_body(self.prefix, feats, start, cache)
+
+    def forward(self, h: torch.Tensor, embs: list[torch.Tensor]) -> torch.Tensor:
+        """[h; e_1..e_i] -> the feature whose lm_head gives x_{t+1+i} (last head for i > n)."""
+        embs = embs[-len(self.heads):]
+        return self.heads[len(embs) - 1](torch.cat([h, *embs], dim=-1))
+
+
+class HydraDraft:
+    kind = "hydra"
+    needs_hidden = True
+
+    def __init__(self, target: PreTrainedModel, module: HydraHeads, cfg: HydraConfig) -> None:
+        self.module = module
+        self.cfg = cfg
+        self.readout = Readout(target)
+        self.target_info = target_fingerprint(target)
+        self.hidden_size = target.config.hidden_size
+        self.records = RecordBook(cfg.max_records)
+        self.feats: FeatureSeq | None = None
+        self.cache: DynamicCache | None = None  # prefix layer only: real positions
+        self.last: tuple[int, torch.Tensor] | None = None  # (n, h_{n-1}) from the prefix layer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.module.parameters()).dtype
+
+    def reset(self) -> None:
+        self.feats, self.cache, self.last = None, None, None
+
+    def invalidate(self) -> None:
+        self.cache, self.last = None, None
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.readout.embed_ids(ids.to(self.readout.embed.weight.device), self.dtype).to(self.device)
+
+    def _base_state(self, feats: torch.Tensor) -> torch.Tensor:
+        n = feats.shape[0]
+        if n == 0:
+            return torch.zeros(self.hidden_size, device=self.device, dtype=self.dtype)
+        if self.module.prefix is None:
+            return feats[-1].to(self.dtype)
+        if self.last is not None and self.last[0] == n:
+            return self.last[1]
+        c = self.cache.get_seq_length() if self.cache is not None else 0
+        c = min(c, n - 1)
+        if self.cache is None or c == 0:
+            self.cache, c = DynamicCache(config=self.module.prefix.config), 0
+        crop_cache(self.cache, c)
+        h = self.module.base(feats[c:].to(self.dtype), c, self.cache)[-1]
+        self.last = (n, h)
+        return h
+
+    @torch.inference_mode()
+    def propose(self, seq: torch.Tensor, k: int, cfg: SamplingConfig,
+                generator: torch.Generator | None) -> Proposal:
+        L = seq.numel()
+        n = min(self.feats.n if self.feats is not None else 0, L - 1)
+        feats = self.feats.view(n) if n else seq.new_empty(0, self.hidden_size, dtype=torch.float32)
+        h = self._base_state(feats)  # h_{n-1} (zeros without features)
+        embs = list(self._embed(seq[max(n, L - len(self.module.heads)):]))  # e(x_n..x_{L-1})
+        tokens, logits, probs = [], [], []
+        for _ in range(k):
+            z = self.readout.logits(self.module(h, embs))
+            q = logits_to_probs(z, cfg)
+            x = q.argmax(-1) if cfg.greedy else sample(q, generator)
+            tokens.append(x)
+            logits.append(z)
+            probs.append(q)
+            embs.append(self._embed(x.reshape(1))[0])
+        out = Proposal(torch.stack(tokens).to(seq.device), torch.stack(logits), torch.stack(probs))
+        self.records.add(Record(seq, feats, h[None], tuple(out.tokens.tolist())))
+        return out
+
+    def commit(self, valid_len: int, target_hidden: torch.Tensor | None = None,
+               hidden_start: int = 0) -> None:
+        if target_hidden is not None and target_hidden.numel():
+            if self.feats is None:
+                self.feats = FeatureSeq(self.hidden_size, self.device, torch.float32)
+            self.feats.put(hidden_start, target_hidden)
+            if self.cache is not None:
+                crop_cache(self.cache, min(hidden_start, valid_len))
+                self.last = None
+        if self.feats is not None:
+            self.feats.n = min(self.feats.n, valid_len)
+
+    # ---- learning ----------------------------------------------------------------------
+    def train_logits(self, rnd: Round) -> torch.Tensor:
+        """[k, V] logits of the round's drafted positions, recomputed with grad from the same
+        base state (or, with the prefix layer, the same features) and the same token inputs."""
+        rec = self.records.find(rnd.context_len, rnd.drafted, rnd.context_tail)
+        L, n = rec.seq.numel(), rec.feats.shape[0]
+        if self.module.prefix is not None and n:
+            s = max(0, n - self.cfg.train_window)
+            h = self.module.base(plain(rec.feats[s:]).to(self.dtype), s)[-1]
+        else:
+            h = plain(rec.extra[0]).to(self.dtype)
+        drafted = torch.tensor(rec.drafted, dtype=torch.long, device=rec.seq.device)
+        embs = list(self._embed(torch.cat([rec.seq[max(n, L - len(self.module.heads)):], drafted])))
+        first = len(embs) - len(rec.drafted)
+        feats = [self.module(h, embs[:first + i]) for i in range(len(rec.drafted))]
+        return self.readout.logits(torch.stack(feats))
+
+    def offline_loss(self, ids: torch.Tensor, feats: torch.Tensor, target_logits: torch.Tensor,
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Warm-up loss: head i reads h_t and e(x_{t+1..t+i}) and is scored against p_{t+i}
+        (the target's distribution of x_{t+i+1}); mean over heads of the soft CE."""
+        T = ids.shape[1]
+        h = self.module.base(feats.to(self.dtype))
+        e = self._embed(ids)
+        losses, accs = [], []
+        for i in range(1, len(self.module.heads) + 1):
+            if T - i <= 0:
+                break
+            embs = [e[:, j:T - i + j] for j in range(1, i + 1)]
+            logq = torch.log_softmax(self.readout.logits(self.module(h[:, :T - i], embs)), -1)
+            p = torch.softmax(target_logits[:, i:].float(), -1)
+            losses.append(-(p * logq.clamp_min(-1e4)).sum(-1).mean())
+            accs.append((logq.argmax(-1) == p.argmax(-1)).float().mean())
+        loss = torch.stack(losses).mean()
+        return loss, {"ce": loss.item(), "top1": accs[0].item(), "top1_last": accs[-1].item()}
+
+    def save(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
+        save_head(self.module, path, {"kind": self.kind, "format": 1, "target": self.target_info,
+                                      "head": asdict(self.cfg)}, dtype)
+
+
+def load_hydra_draft(target: PreTrainedModel, source: Any, tokenizer: Any, device: Any = "cpu",
+                     dtype: Any = "float32", trust_remote_code: bool = False, **kw: Any) -> HydraDraft:
+    """source None -> freshly initialised heads for this target; a directory -> draft.save's output."""
+    saved: dict[str, Any] = {}
+    if source is not None:
+        info = read_head_config(source, "hydra")
+        check_target(info, target, source)
+        saved = info.get("head", {})
+    cfg = _config("hydra", HydraConfig, saved, kw)
+    if cfg.n_heads < 1:
+        from ..errors import OnlineSpecError
+        raise OnlineSpecError(f"n_heads must be >= 1, got {cfg.n_heads}")
+    module = build_module(HydraHeads, target, cfg, device, dtype, trust_remote_code)
+    if source is not None:
+        load_weights(module, source)
+    module.eval().requires_grad_(True)
+    return HydraDraft(target, module, cfg)
