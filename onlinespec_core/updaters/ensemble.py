@@ -27,10 +27,10 @@ HEDGE_MODES = ("cumulative", "discounted", "last")
 
 @dataclass
 class EnsembleConfig(GradConfig):
-    lr: float = 5e-4  # smallest step size of the grid
+    lr: float = 1e-3  # smallest step size of the grid
     optimizer: str = "adam"
     n_experts: int = 3
-    ratio: float = 2.0  # geometric grid: lr * ratio^i
+    ratio: float = 3.0  # geometric grid: lr * ratio^i
     lrs: list[float] = field(default_factory=list)  # explicit grid (overrides lr/ratio/n_experts)
     hedge: str = "cumulative"
     hedge_lr: float = 1.0  # eps

@@ -1,0 +1,84 @@
+"""Updaters learn: a draft far from the target gains acceptance on a repetitive stream, and
+a run saved mid-stream continues exactly (outputs, per-round feedback, metrics, updater state)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import onlinespec_core as osc
+
+LEARNERS = [("ogd", {}), ("optimistic", {}), ("optimistic", {"form": "momentum"}),
+            ("ensemble", {}), ("dpo", {}), ("dpo", {"mode": "sft"}),
+            ("ogd", {"cadence": "chunk", "chunk_prompts": 1, "epochs": 2})]
+
+
+@pytest.fixture(scope="module")
+def far_pair_dirs(tmp_path_factory, tokenizer):
+    """A target and a draft with unrelated random weights: the draft starts far away."""
+    from tests.tiny import make_model
+    root = tmp_path_factory.mktemp("far")
+    out = []
+    for role, kw in (("target", dict(hidden=64, layers=2, seed=21)), ("draft", dict(hidden=32, layers=1, seed=22))):
+        m = make_model("llama", len(tokenizer), **kw)
+        m.save_pretrained(root / role)
+        tokenizer.save_pretrained(root / role)
+        out.append(str(root / role))
+    return out
+
+
+def mean_tau(name, opts, dirs, prompts=6, n=32):
+    pair = osc.load_pair(target=dirs[0], draft=dirs[1])
+    eng = osc.Engine(pair, k=4, updater=name, updater_options=opts)
+    taus = [eng.generate("def add(a, b):", max_new_tokens=n).stats["tau"] for _ in range(prompts)]
+    return taus, eng
+
+
+@pytest.fixture(scope="module")
+def frozen_tau(far_pair_dirs):
+    taus, _ = mean_tau("frozen", {}, far_pair_dirs)
+    assert max(taus) == min(taus)  # nothing changes without learning
+    return taus[0]
+
+
+@pytest.mark.parametrize("name,opts", LEARNERS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(LEARNERS)])
+def test_every_updater_learns_on_a_repetitive_stream(far_pair_dirs, frozen_tau, name, opts):
+    taus, eng = mean_tau(name, opts, far_pair_dirs)
+    late = sum(taus[-3:]) / 3
+    # within 6 prompts of 32 tokens (<= 192 rounds) the draft has learned the target's path
+    assert late >= frozen_tau + 0.3, (name, opts, frozen_tau, taus)
+    assert eng.updater.stats()["updates"] > 0 and eng.updater.stats()["skipped"] == 0
+
+
+RESTORE = [("ogd", {"every": 2}, 0.0), ("optimistic", {}, 0.0), ("optimistic", {"form": "momentum"}, 0.0),
+           ("ensemble", {"every": 2, "hedge": "discounted"}, 0.0), ("dpo", {"every": 2, "ref_every": 6}, 0.0),
+           ("ogd", {"cadence": "chunk", "chunk_prompts": 2, "batch": 3}, 0.0),
+           ("ogd", {"every": 2}, 0.8), ("ensemble", {"every": 2}, 0.8)]  # sampling: RNG restored too
+
+
+def run_prompts(eng, prompts):
+    rec = []
+    for p in prompts:
+        out = eng.generate(p, max_new_tokens=24)
+        rec.append((out.token_ids, [(r.drafted, r.accepted, r.updated, r.loss) for r in out.rounds],
+                    {k: out.stats[k] for k in ("tau", "rounds", "tokens", "acceptance_rate", "updates")}))
+    return rec
+
+
+@pytest.mark.parametrize("name,opts,temperature", RESTORE, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(RESTORE)])
+def test_save_load_mid_run_continues_exactly(far_pair_dirs, tmp_path, name, opts, temperature):
+    first = ["def add(a, b):", "Tom has 3 apples", "SELECT name FROM users"]
+    rest = ["def add(a, b):", "The licensee shall", "Tom has 3 apples"]
+    pair = osc.load_pair(target=far_pair_dirs[0], draft=far_pair_dirs[1])
+    a = osc.Engine(pair, k=3, temperature=temperature, seed=5, updater=name, updater_options=opts)
+    run_prompts(a, first)
+    a.save_state(tmp_path / "state")
+    expect = run_prompts(a, rest)
+    pair_b = osc.load_pair(target=far_pair_dirs[0], draft=far_pair_dirs[1])  # the original draft
+    b = osc.Engine(pair_b, k=3, seed=123)
+    b.load_state(tmp_path / "state")
+    assert b.updater_name == name
+    got = run_prompts(b, rest)
+    assert got == expect
+    assert b.updater.stats() == a.updater.stats()
+    for x, y in zip(pair.draft.module.parameters(), pair_b.draft.module.parameters()):
+        assert torch.equal(x, y)
