@@ -359,6 +359,7 @@ class Engine:
                 "updater": {"name": self.updater_name, "options": self.updater_options,
                             "state": self.updater.state_json()},
                 "draft_kind": self.draft.kind, "pair": self.pair.name,
+                "draft_source": self.pair.draft_source, "target_source": self.pair.target_source,
                 "metrics": self.metrics.as_dict(),
             }
             (tmp / "state.json").write_text(json.dumps(meta, indent=2, default=_json_default))

@@ -1,0 +1,123 @@
+"""`onlinespec export-draft`: write an evolved draft as a plain Hugging Face model directory.
+
+An `lm` draft becomes a folder AutoModelForCausalLM.from_pretrained can load (config +
+safetensors + tokenizer), so it can serve as the assistant/draft model of other engines.
+Library: export_draft(state_dir, out_dir) from a save_state folder, export_engine_draft(engine,
+out_dir) from a live engine."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import OnlineSpecError, require
+
+PROVENANCE = "onlinespec_export.json"
+
+
+def _atomic_dir(out_dir: str | os.PathLike, write) -> Path:
+    """write(tmp_dir) into a temp folder next to out_dir, then rename it into place."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    require(not out.exists() or out.is_dir(), f"export target {str(out)!r} is a file; pick a folder path")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _save_tokenizer(base: str | None, tokenizer: Any, tmp: Path) -> None:
+    if tokenizer is None and base is not None and (Path(base) / "tokenizer_config.json").is_file():
+        from .models import load_tokenizer
+        tokenizer = load_tokenizer(base)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+
+
+def _read_state(state_dir: Path) -> dict[str, Any]:
+    fix = "pass the folder engine.save_state(path) wrote (it holds state.json and draft.safetensors)"
+    require(state_dir.is_dir(), f"saved state {str(state_dir)!r} does not exist or is not a folder; {fix}")
+    for name in ("state.json", "draft.safetensors"):
+        require((state_dir / name).is_file(), f"saved state {str(state_dir)!r} is incomplete ({name} missing); {fix}")
+    try:
+        return json.loads((state_dir / "state.json").read_text())
+    except ValueError as e:
+        raise OnlineSpecError(f"saved state {str(state_dir)!r} has a corrupt state.json ({e}); {fix}") from e
+
+
+def export_draft(state_dir: str | os.PathLike, out_dir: str | os.PathLike, base: str | None = None,
+                 dtype: str = "float32") -> Path:
+    """Evolved lm draft of a saved state -> HF model dir. base: the draft the run started from
+    (config + tokenizer); default: the one recorded in the state, or the demo draft."""
+    from safetensors.torch import load_model
+
+    from .models import DEMO_DIR, load_causal_lm
+    state_dir = Path(state_dir)
+    meta = _read_state(state_dir)
+    kind = meta.get("draft_kind")
+    require(kind == "lm", f"the saved draft is an {kind!r} head, not a causal LM: only 'lm' drafts export as "
+                          "a Hugging Face model dir; use engine.draft.save(path) for eagle/hydra heads")
+    if base is None:
+        base = meta.get("draft_source") or (str(DEMO_DIR / "draft") if meta.get("pair") == "demo" else None)
+    require(base is not None, "this state does not record which draft it started from; pass "
+                              "--base DRAFT_DIR (the draft model dir given to load_pair)")
+    model = load_causal_lm(str(base), "draft", "cpu", dtype)
+    try:
+        load_model(model, str(state_dir / "draft.safetensors"), strict=True)
+    except Exception as e:
+        raise OnlineSpecError(f"the saved draft weights do not fit the base draft {base!r} ({str(e)[:200]}); "
+                              "pass --base with the draft the run was started from") from e
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        _save_tokenizer(str(base), None, tmp)
+        info = {"base": str(base), "state": str(state_dir), "round_index": meta.get("round_index"),
+                "updater": meta.get("updater", {}).get("name"), "tau": meta.get("metrics", {}).get("tau")}
+        (tmp / PROVENANCE).write_text(json.dumps(info, indent=2))
+    return _atomic_dir(out_dir, write)
+
+
+def export_engine_draft(engine: Any, out_dir: str | os.PathLike) -> Path:
+    """The live engine's deployed draft -> HF model dir (lm) or the draft's own format (heads)."""
+    require(engine.draft is not None, "nothing to export: this engine has no draft")
+    engine.updater.detach()  # the deployed weights are in draft.module
+
+    def write(tmp: Path) -> None:
+        if engine.draft.kind == "lm":
+            engine.draft.module.save_pretrained(str(tmp), safe_serialization=True)
+            _save_tokenizer(None, engine.pair.tokenizer, tmp)
+        else:
+            engine.draft.save(tmp)
+        info = {"base": engine.pair.draft_source, "round_index": engine.round_index,
+                "updater": engine.updater_name, "tau": engine.metrics.tau}
+        (tmp / PROVENANCE).write_text(json.dumps(info, indent=2))
+    return _atomic_dir(out_dir, write)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="onlinespec export-draft", description=(
+        "Write the evolved draft of a saved state (engine.save_state / the app's 'save') as a "
+        "plain Hugging Face model directory loadable by AutoModelForCausalLM.from_pretrained."))
+    ap.add_argument("state_dir", help="folder written by engine.save_state")
+    ap.add_argument("--out", required=True, help="output model directory (replaced atomically)")
+    ap.add_argument("--base", default=None, help="the draft model dir the run started from "
+                    "(default: the one recorded in the state, or the demo draft)")
+    ap.add_argument("--dtype", default="float32", help="float32 (default) | bfloat16 | float16")
+    args = ap.parse_args(argv)
+    out = export_draft(args.state_dir, args.out, args.base, args.dtype)
+    print(f"exported the evolved draft to {out}")
+    return 0

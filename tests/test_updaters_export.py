@@ -1,0 +1,67 @@
+"""export-draft: the evolved lm draft as a plain HF model dir (library and CLI)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import onlinespec_core as osc
+from onlinespec_core.cli import main as cli
+from onlinespec_core.export import export_draft, export_engine_draft
+
+
+@pytest.fixture
+def evolved(pair_dirs, tmp_path):
+    t, d = pair_dirs["llama"]
+    pair = osc.load_pair(target=str(t), draft=str(d))
+    eng = osc.Engine(pair, k=3, updater="ogd", updater_options={"every": 1})
+    eng.generate("def add(a, b):", max_new_tokens=20)
+    eng.save_state(tmp_path / "state")
+    return eng, tmp_path / "state"
+
+
+def same_logits(model, draft_module, ids):
+    with torch.no_grad():
+        a = model(torch.tensor([ids])).logits
+        b = draft_module(torch.tensor([ids])).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_export_from_state_and_cli(evolved, pair_dirs, tmp_path):
+    eng, state = evolved
+    ids = eng.pair.tokenizer("SELECT name FROM users")["input_ids"]
+    out = export_draft(state, tmp_path / "hf")
+    m = AutoModelForCausalLM.from_pretrained(out)
+    same_logits(m, eng.draft.module, ids)
+    assert AutoTokenizer.from_pretrained(out)("def")["input_ids"] == eng.pair.tokenizer("def")["input_ids"]
+    base = AutoModelForCausalLM.from_pretrained(pair_dirs["llama"][1])
+    assert any(not torch.equal(a, b) for a, b in zip(m.parameters(), base.parameters()))  # it evolved
+    assert json.loads((out / "onlinespec_export.json").read_text())["updater"] == "ogd"
+    # CLI, with an explicit base, over an existing folder
+    assert cli(["export-draft", str(state), "--out", str(tmp_path / "hf"), "--base", str(pair_dirs["llama"][1])]) == 0
+    same_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "hf"), eng.draft.module, ids)
+    # the exported dir works as a draft again (and as HF's assistant model)
+    pair2 = osc.load_pair(target=str(pair_dirs["llama"][0]), draft=str(out))
+    assert osc.Engine(pair2, k=3).generate(ids, max_new_tokens=12).token_ids == \
+        osc.Engine(eng.pair, k=3).generate(ids, max_new_tokens=12).token_ids
+
+
+def test_export_live_engine(evolved, tmp_path):
+    eng, _ = evolved
+    out = export_engine_draft(eng, tmp_path / "live")
+    same_logits(AutoModelForCausalLM.from_pretrained(out), eng.draft.module, [5, 6, 7])
+
+
+def test_export_errors(tmp_path, capsys):
+    with pytest.raises(osc.OnlineSpecError, match="does not exist"):
+        export_draft(tmp_path / "nope", tmp_path / "out")
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "state.json").write_text(json.dumps({"draft_kind": "eagle"}))
+    (tmp_path / "s" / "draft.safetensors").write_bytes(b"")
+    with pytest.raises(osc.OnlineSpecError, match="not a causal LM"):
+        export_draft(tmp_path / "s", tmp_path / "out")
+    (tmp_path / "s" / "state.json").write_text(json.dumps({"draft_kind": "lm"}))
+    assert cli(["export-draft", str(tmp_path / "s"), "--out", str(tmp_path / "out")]) == 2
+    assert "--base" in capsys.readouterr().err
