@@ -29,7 +29,8 @@ from typing import Any, Callable, Protocol
 import torch
 
 from .errors import require
-from .runner import add_pair_args, load_items, load_pair_from_args, machine_info, parse_value
+from .runner import (add_pair_args, load_items, load_pair_from_args, machine_info, parse_options,
+                     parse_value)
 
 AR, HF, HF_AR = "target_ar", "hf_assisted", "hf_target_only"
 EXTRA_METHODS = (HF_AR,)  # only when asked for with --methods
@@ -44,6 +45,7 @@ class BenchConfig:
     seed: int = 0
     methods: list[str] | None = None  # None: target_ar, hf_assisted, then every registered updater
     updater_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    engine_options: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields, every engine run
     cost_tokens: int = 48  # decode steps per cost measurement (c)
     bookkeeping_prompts: int = 4  # prompts for the target-as-its-own-draft overhead run
     progress: bool = True
@@ -86,11 +88,12 @@ class EngineMethod:
     """The engine with an updater (or target-only when target_only)."""
 
     def __init__(self, name: str, pair, k: int, seed: int, updater: str = "frozen",
-                 options: dict[str, Any] | None = None, target_only: bool = False) -> None:
+                 options: dict[str, Any] | None = None, target_only: bool = False,
+                 engine_options: dict[str, Any] | None = None) -> None:
         from .engine import Engine
         self.name, self.target_only = name, target_only
         self.engine = Engine(pair if target_only else clone_pair(pair), k=k, seed=seed,
-                             updater=updater, updater_options=options or {})
+                             updater=updater, updater_options=options or {}, **(engine_options or {}))
 
     def run(self, ids: list[int], max_new_tokens: int) -> PromptResult:
         t0 = time.perf_counter()
@@ -169,11 +172,11 @@ def check_methods(names: list[str]) -> None:
 
 def make_method(name: str, pair, cfg: BenchConfig) -> Method:
     if name == AR:
-        return EngineMethod(name, pair, cfg.k, cfg.seed, target_only=True)
+        return EngineMethod(name, pair, cfg.k, cfg.seed, target_only=True, engine_options=cfg.engine_options)
     if name in (HF, HF_AR):
         return HFMethod(name, pair, assisted=name == HF)
     return EngineMethod(name, pair, cfg.k, cfg.seed, updater=name,
-                        options=cfg.updater_options.get(name, {}))
+                        options=cfg.updater_options.get(name, {}), engine_options=cfg.engine_options)
 
 
 # ---- measurements outside the runs --------------------------------------------------------------
@@ -442,6 +445,8 @@ def build_argparser() -> argparse.ArgumentParser:
                     help=f"comma-separated runs (default: {AR},{HF},frozen,<every registered updater>; "
                          f"also {', '.join(EXTRA_METHODS)})")
     ap.add_argument("--updater-option", action="append", metavar="UPDATER:KEY=VALUE", default=[])
+    ap.add_argument("--engine-option", action="append", metavar="KEY=VALUE", default=[],
+                    help="EngineConfig field for every engine run, e.g. refresh_draft_cache=false")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of the whole stream")
     ap.add_argument("--warmup-tokens", type=int, default=16)
     ap.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON")
@@ -461,13 +466,19 @@ def main(argv: list[str] | None = None) -> int:
     for name, o in opts.items():
         check_methods([name])
         make_updater(name, **o)  # bad options fail before the models load
+    eopts = parse_options(args.engine_option)
+    from .engine import EngineConfig
+    fields = [f.name for f in dataclasses.fields(EngineConfig) if f.name not in ("k", "seed")]
+    for key in eopts:
+        require(key in fields, f"--engine-option {key!r} is not an engine setting; use one of {', '.join(fields)}")
     items = load_items(args.stream, args.limit)
     if args.threads:
         torch.set_num_threads(args.threads)
     pair = load_pair_from_args(args)
     cfg = BenchConfig(k=args.k, max_new_tokens=args.max_new_tokens, reps=args.reps,
                       warmup_tokens=args.warmup_tokens, seed=args.seed, methods=methods,
-                      updater_options=opts, progress=not args.no_progress)
+                      updater_options=opts, engine_options=eopts,
+                      progress=not args.no_progress)
     report = run_bench(pair, items, cfg, log=lambda s: print(s, file=sys.stderr))
     report["command"] = "onlinespec bench " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.json:

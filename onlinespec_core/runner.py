@@ -38,9 +38,9 @@ def parse_value(text: str) -> Any:
 def parse_options(pairs: list[str] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for p in pairs or []:
-        require("=" in p, f"--updater-option {p!r} must look like key=value (e.g. lr=1e-3)")
+        require("=" in p, f"option {p!r} must look like key=value (e.g. lr=1e-3)")
         k, v = p.split("=", 1)
-        require(bool(k.strip()), f"--updater-option {p!r} has an empty key; use key=value")
+        require(bool(k.strip()), f"option {p!r} has an empty key; use key=value")
         out[k.strip()] = parse_value(v)
     return out
 
