@@ -1,0 +1,192 @@
+"""What the UI keeps of a run (Qt-free): per-config series for the plots, CSV/JSON export.
+
+The x axis everywhere is tokens generated: every configuration of a greedy comparison emits
+the same tokens, so topic changes and prompts line up across configurations.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROLL = 32  # rounds in the rolling windows (tau, loss, tokens/s)
+ORIGINS = ("draft", "correction", "bonus", "target")  # accepted draft | rejection fix | bonus | target-only
+
+
+@dataclass
+class UiEvent:
+    """One engine event, flattened by the worker for the UI thread. cfg = config index (-1: stream)."""
+    kind: str
+    cfg: int = 0
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def origins(accepted: int, kind: str, n: int) -> list[str]:
+    """Origin of each emitted token of a round: accepted draft tokens, then the target's token."""
+    if kind == "target":
+        return ["target"] * n
+    last = "bonus" if kind == "bonus" else "correction"
+    return ["draft" if i < accepted else last for i in range(n)]
+
+
+@dataclass
+class Series:
+    name: str
+    x: list[int] = field(default_factory=list)  # tokens generated after each round
+    tau: list[float] = field(default_factory=list)  # rolling mean tau
+    loss: list[float] = field(default_factory=list)  # rolling mean online loss (nan if none)
+    tok_s: list[float] = field(default_factory=list)  # rolling tokens/s
+    weights: list[list[float]] = field(default_factory=list)  # ensemble weights per round
+    weights_x: list[int] = field(default_factory=list)
+    step_sizes: list[float] = field(default_factory=list)
+    pos_drafted: list[int] = field(default_factory=list)
+    pos_accepted: list[int] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)  # one per round (CSV)
+    tokens: int = 0
+    rounds: int = 0
+    accepted: int = 0
+    wall_s: float = 0.0
+    updater: str = ""
+    _taus: deque = field(default_factory=lambda: deque(maxlen=ROLL))
+    _losses: deque = field(default_factory=lambda: deque(maxlen=ROLL))
+    _speed: deque = field(default_factory=lambda: deque(maxlen=ROLL))
+
+    @property
+    def mean_tau(self) -> float:
+        return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def per_position(self) -> list[float]:
+        return [a / d if d else 0.0 for a, d in zip(self.pos_accepted, self.pos_drafted)]
+
+    def add(self, d: dict[str, Any]) -> None:
+        n = len(d["emitted"])
+        self.tokens += n
+        self.rounds += 1
+        self.accepted += d["accepted"]
+        self.wall_s += d["wall_s"]
+        self.updater = d.get("updater", self.updater)
+        k = d["k"]
+        while len(self.pos_drafted) < k:
+            self.pos_drafted.append(0)
+            self.pos_accepted.append(0)
+        for i in range(k):
+            self.pos_drafted[i] += 1
+            self.pos_accepted[i] += int(i < d["accepted"])
+        self._taus.append(d["accepted"] + 1)
+        loss = d.get("loss")
+        if loss is not None and math.isfinite(loss):
+            self._losses.append(loss)
+        self._speed.append((n, d["wall_s"]))
+        wall = sum(w for _, w in self._speed)
+        self.x.append(self.tokens)
+        self.tau.append(sum(self._taus) / len(self._taus))
+        self.loss.append(sum(self._losses) / len(self._losses) if self._losses else math.nan)
+        self.tok_s.append(sum(t for t, _ in self._speed) / wall if wall > 0 else math.nan)
+        w, lrs = ensemble_stats(d.get("stats") or {})
+        if w:
+            self.weights.append(w)
+            self.weights_x.append(self.tokens)
+            if lrs:
+                self.step_sizes = lrs
+        self.rows.append({
+            "config": self.name, "round": d["round"], "prompt_index": d.get("prompt_index"),
+            "topic": d.get("topic"), "updater": self.updater, "k": k, "accepted": d["accepted"],
+            "tau": d["accepted"] + 1, "tokens": n, "tokens_total": self.tokens,
+            "rolling_tau": self.tau[-1], "loss": _finite(loss), "wall_s": d["wall_s"],
+            "update_s": d.get("update_s", 0.0), "updated": d.get("updated", False),
+            "rolling_tokens_per_s": _finite(self.tok_s[-1]),
+        })
+
+
+def ensemble_stats(stats: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """Expert weights and step sizes from an updater's stats(), whatever it calls them."""
+    w = next((stats[k] for k in ("weights", "hedge_weights", "expert_weights") if k in stats), None)
+    s = next((stats[k] for k in ("step_sizes", "lrs", "etas") if k in stats), None)
+    try:
+        w = [float(v) for v in w] if w is not None else []
+        s = [float(v) for v in s] if s is not None else []
+    except (TypeError, ValueError):
+        return [], []
+    return w, s
+
+
+@dataclass
+class RunLog:
+    names: list[str] = field(default_factory=list)
+    series: list[Series] = field(default_factory=list)
+    topics: list[tuple[int, str]] = field(default_factory=list)  # (tokens at start, topic)
+    switches: list[tuple[int, str, str]] = field(default_factory=list)  # (tokens, from, to)
+    baseline_tok_s: float | None = None
+    share: dict[str, Any] = field(default_factory=dict)
+    max_stall_ms: float = 0.0
+
+    def reset(self, names: list[str]) -> None:
+        self.__init__(names=list(names), series=[Series(n) for n in names])  # type: ignore[misc]
+
+    def add(self, ev: UiEvent) -> None:
+        if ev.kind == "round" and 0 <= ev.cfg < len(self.series):
+            self.series[ev.cfg].add(ev.data)
+        elif ev.kind == "start" and ev.cfg <= 0:
+            topic = ev.data.get("topic") or "prompt"
+            x = self.series[0].tokens if self.series else 0
+            if not self.topics or self.topics[-1][1] != topic:
+                self.topics.append((x, topic))
+        elif ev.kind == "updater" and self.series:
+            s = self.series[max(ev.cfg, 0)]
+            self.switches.append((s.tokens, ev.data.get("from", ""), ev.data.get("to", "")))
+        elif ev.kind == "baseline":
+            self.baseline_tok_s = ev.data.get("tokens_per_s")
+        elif ev.kind == "share":
+            self.share = dict(ev.data)
+
+    def speedup(self, s: Series) -> float | None:
+        if not self.baseline_tok_s or not s.tok_s:
+            return None
+        v = s.tok_s[-1]
+        return v / self.baseline_tok_s if math.isfinite(v) else None
+
+    def summary(self) -> dict[str, Any]:
+        out = {}
+        for s in self.series:
+            out[s.name] = {"updater": s.updater, "rounds": s.rounds, "tokens": s.tokens,
+                           "tau": s.mean_tau, "tokens_per_s": s.tokens_per_s,
+                           "speedup_vs_target_only": (s.tokens_per_s / self.baseline_tok_s
+                                                      if self.baseline_tok_s else None),
+                           "per_position_acceptance": s.per_position}
+        return out
+
+    def write_csv(self, path: str | Path) -> Path:
+        path = Path(path)
+        rows = [r for s in self.series for r in s.rows]
+        cols = list(rows[0]) if rows else ["config", "round", "tau"]
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            w.writerows(rows)
+        return path
+
+    def write_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        obj = {"configs": self.names, "baseline_tokens_per_s": self.baseline_tok_s,
+               "summary": self.summary(), "topics": self.topics, "updater_switches": self.switches,
+               "shared_target": self.share, "ui_max_stall_ms": self.max_stall_ms,
+               "rounds": [r for s in self.series for r in s.rows]}
+        path.write_text(json.dumps(obj, indent=1, default=_nan_none), encoding="utf-8")
+        return path
+
+
+def _nan_none(o: Any) -> Any:
+    return None
+
+
+def _finite(v: float | None) -> float | None:
+    return v if v is not None and math.isfinite(v) else None

@@ -1,0 +1,203 @@
+"""Live plots (pyqtgraph): rolling tau with topic bands and updater switches, per-position
+acceptance, ensemble weights (stacked) with step sizes, online loss, tokens/s and speedup.
+All x axes are tokens generated (aligned across compared configurations)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pyqtgraph as pg
+from pyqtgraph.exporters import ImageExporter
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QVBoxLayout, QWidget
+
+from ..records import RunLog
+
+pg.setConfigOptions(background="w", foreground="k", antialias=True)
+
+CONFIG_COLORS = ["#0072B2", "#E69F00", "#CC79A7"]  # Okabe-Ito: blue, orange, reddish purple
+EXPERT_COLORS = ["#56B4E9", "#009E73", "#F0E442", "#D55E00", "#CC79A7", "#999999"]
+TOPIC_BRUSHES = ["#E8F1FA", "#FBEFE0", "#EAF6EF", "#F6E9F2", "#F4F4E2"]
+X_LABEL = "tokens generated"
+
+
+def _arr(v: list[float]) -> np.ndarray:
+    return np.asarray(v, dtype=float)
+
+
+class PlotsView(QWidget):
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.glw = pg.GraphicsLayoutWidget(self)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.glw)
+        g = self.glw
+        self.p_tau = self._plot(0, 0, "Rolling acceptance length \u03c4", "\u03c4")
+        self.p_pos = self._plot(0, 1, "Acceptance by draft position", "rate", x="position i")
+        self.p_w = self._plot(0, 2, "Ensemble weights (stacked)", "weight")
+        self.p_loss = self._plot(1, 0, "Online loss (rolling)", "loss")
+        self.p_speed = self._plot(1, 1, "Throughput (rolling)", "tokens/s")
+        self.p_up = self._plot(1, 2, "Speedup vs target-only", "\u00d7")
+        self.p_pos.setYRange(0, 1.05)
+        self.p_w.setYRange(0, 1.0)
+        g.ci.layout.setSpacing(4)
+        self._topic_items: list = []
+        self._switch_items: list = []
+        self._w_items: list = []
+        self._baseline_line = None
+        self.reset(["run"])
+
+    def _plot(self, row: int, col: int, title: str, y: str, x: str = X_LABEL) -> pg.PlotItem:
+        p = self.glw.addPlot(row=row, col=col, title=f"<span style='font-size:10pt'>{title}</span>")
+        p.setLabel("left", y)
+        p.setLabel("bottom", x)
+        p.showGrid(x=True, y=True, alpha=0.25)
+        p.setMenuEnabled(False)
+        p.getAxis("left").enableAutoSIPrefix(False)
+        p.getAxis("bottom").enableAutoSIPrefix(False)
+        return p
+
+    def reset(self, names: list[str]) -> None:
+        for p in (self.p_tau, self.p_pos, self.p_w, self.p_loss, self.p_speed, self.p_up):
+            p.clear()
+            if p.legend is not None:
+                p.legend.scene().removeItem(p.legend) if p.legend.scene() else None
+                p.legend = None
+        self.names = list(names)
+        self._topic_items, self._switch_items, self._w_items = [], [], []
+        self._n_topics = self._n_switches = 0
+        self._baseline_line = None
+        self._w_k = 0
+        leg = dict(offset=(-4, 4), labelTextSize="8pt", brush=pg.mkBrush(255, 255, 255, 200))
+        for p in (self.p_pos, self.p_loss, self.p_speed, self.p_up):
+            p.addLegend(**leg)
+        self.p_tau.addLegend(**{**leg, "offset": (4, 4)})  # tau climbs to the right: legend top-left
+        self.c_tau, self.c_loss, self.c_speed, self.c_up, self.bars = [], [], [], [], []
+        for i, n in enumerate(self.names):
+            col = CONFIG_COLORS[i % len(CONFIG_COLORS)]
+            pen = pg.mkPen(col, width=2)
+            self.c_tau.append(self._curve(self.p_tau, pen, n))
+            self.c_loss.append(self._curve(self.p_loss, pen, n))
+            self.c_speed.append(self._curve(self.p_speed, pen, n))
+            self.c_up.append(self._curve(self.p_up, pen, n))
+            bars = pg.BarGraphItem(x=[], height=[], width=0.8 / len(self.names), brush=col, name=n)
+            self.p_pos.addItem(bars)
+            self.bars.append(bars)
+        one = pg.InfiniteLine(pos=1.0, angle=0, pen=pg.mkPen("#777777", style=Qt.PenStyle.DashLine))
+        self.p_up.addItem(one)
+
+    def _curve(self, plot: pg.PlotItem, pen, name: str) -> pg.PlotDataItem:
+        c = plot.plot([], [], pen=pen, name=name, connect="finite")
+        c.setDownsampling(auto=True, method="peak")
+        c.setClipToView(True)
+        return c
+
+    # ---- refresh from the run log (the window calls this at a few Hz) --------------------
+    def refresh(self, log: RunLog) -> None:
+        for i, s in enumerate(log.series[: len(self.names)]):
+            x = _arr(s.x)
+            self.c_tau[i].setData(x, _arr(s.tau))
+            self.c_loss[i].setData(x, _arr(s.loss))
+            self.c_speed[i].setData(x, _arr(s.tok_s))
+            if log.baseline_tok_s:
+                self.c_up[i].setData(x, _arr(s.tok_s) / log.baseline_tok_s)
+            acc = s.per_position
+            if acc:
+                n = len(self.names)
+                off = (i - (n - 1) / 2) * 0.8 / n
+                self.bars[i].setOpts(x=np.arange(1, len(acc) + 1) + off, height=acc)
+        self._topics(log)
+        self._switches(log)
+        self._weights(log)
+        if log.baseline_tok_s and self._baseline_line is None:
+            pen = pg.mkPen("#444444", width=1.5, style=Qt.PenStyle.DashLine)
+            self._baseline_line = pg.InfiniteLine(pos=log.baseline_tok_s, angle=0, pen=pen)
+            self.p_speed.addItem(self._baseline_line)
+            key = pg.PlotDataItem([], [], pen=pen)  # legend entry for the baseline line
+            self.p_speed.legend.addItem(key, f"target-only ({log.baseline_tok_s:.0f})")
+
+    def _topics(self, log: RunLog) -> None:
+        """Shade each topic's span in the tau and loss plots; label it at the top."""
+        end = max((s.tokens for s in log.series), default=0)
+        spans = [(x0, (log.topics[j + 1][0] if j + 1 < len(log.topics) else None), t)
+                 for j, (x0, t) in enumerate(log.topics)]
+        colors: dict[str, str] = {}
+        for j, (x0, x1, t) in enumerate(spans):
+            colors.setdefault(t, TOPIC_BRUSHES[len(colors) % len(TOPIC_BRUSHES)])
+            if j < self._n_topics:
+                continue
+            items = []
+            for p in (self.p_tau, self.p_loss):
+                r = pg.LinearRegionItem(values=(x0, x1 or max(end, x0 + 1)), movable=False,
+                                        brush=pg.mkBrush(colors[t]), pen=pg.mkPen(None))
+                r.setZValue(-100)
+                p.addItem(r)
+                items.append(r)
+            label = pg.TextItem(t, color="#555555", anchor=(0, 1))
+            label.setZValue(-50)
+            self.p_tau.addItem(label, ignoreBounds=True)
+            items.append(label)
+            self._topic_items.append((items, x0))
+        self._n_topics = len(spans)
+        if self._topic_items:  # the open span grows with the run; labels stay at the top
+            items, x0 = self._topic_items[-1]
+            for r in items[:2]:
+                r.setRegion((x0, max(end, x0 + 1)))
+        ybottom = self.p_tau.viewRange()[1][0]
+        for items, x0 in self._topic_items:
+            items[2].setPos(x0, ybottom)
+
+    def _switches(self, log: RunLog) -> None:
+        for x, a, b in log.switches[self._n_switches:]:
+            line = pg.InfiniteLine(pos=x, angle=90, pen=pg.mkPen("#D55E00", width=2, style=Qt.PenStyle.DashLine),
+                                   label=f"\u2192 {b}", labelOpts={"position": 0.85, "color": "#D55E00",
+                                                                   "fill": (255, 255, 255, 200)})
+            self.p_tau.addItem(line)
+            self._switch_items.append(line)
+        self._n_switches = len(log.switches)
+
+    def _weights(self, log: RunLog) -> None:
+        s = next((s for s in log.series if s.weights), None)
+        if s is None:
+            return
+        w = np.asarray([r for r in s.weights if len(r) == len(s.weights[-1])], dtype=float)
+        x = _arr(s.weights_x[-len(w):])
+        k = w.shape[1]
+        if k != self._w_k:
+            for it in self._w_items:
+                self.p_w.removeItem(it)
+            self._w_items, self._w_curves = [], []
+            base = self.p_w.plot([], [], pen=pg.mkPen(None))
+            self._w_curves.append(base)
+            for j in range(k):
+                col = EXPERT_COLORS[j % len(EXPERT_COLORS)]
+                c = self.p_w.plot([], [], pen=pg.mkPen("#333333", width=0.8))
+                fill = pg.FillBetweenItem(self._w_curves[-1], c, brush=pg.mkBrush(col))
+                self.p_w.addItem(fill)
+                self._w_curves.append(c)
+                self._w_items += [c, fill]
+            self._w_items.append(base)
+            self._w_k = k
+        cum = np.cumsum(w, axis=1)
+        self._w_curves[0].setData(x, np.zeros_like(x))
+        for j in range(k):
+            self._w_curves[j + 1].setData(x, cum[:, j])
+        keys = []  # legend in the title: one coloured square per expert with its step size
+        for j in range(k):
+            lr = s.step_sizes[j] if j < len(s.step_sizes) else None
+            col = EXPERT_COLORS[j % len(EXPERT_COLORS)]
+            keys.append(f"<span style='color:{col}'>\u25a0</span>" + (f"{lr:.0e}" if lr else f"e{j + 1}"))
+        self.p_w.setTitle(f"<span style='font-size:10pt'>Ensemble weights</span> "
+                          f"<span style='font-size:8pt'>\u03b7: {' '.join(keys)}</span>")
+
+    def export_png(self, path: str | Path, width: int = 1800) -> Path:
+        ex = ImageExporter(self.glw.ci)
+        ex.parameters()["width"] = width
+        ex.export(str(path))
+        return Path(path)
+
+
+def finite(v: float | None) -> bool:
+    return v is not None and math.isfinite(v)

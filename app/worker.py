@@ -1,0 +1,314 @@
+"""EngineWorker: runs the engine in its own QThread; requests in, batched events out.
+
+The UI never waits on the engine: controls are thread-safe calls (the engine's own stop /
+shift_topic / set_updater, and flags read between rounds); anything that must touch engine
+state (save/load) is queued and run by the worker between rounds or when idle.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+import torch
+from PySide6.QtCore import QObject, Qt, Signal, Slot
+
+import onlinespec_core as osc
+from onlinespec_core.compare import CompareConfig, CompareRunner
+from onlinespec_core.errors import OnlineSpecError
+
+from .records import UiEvent
+from .spec import PairSpec, RunSpec
+
+log = logging.getLogger(__name__)
+FLUSH_S = 0.04  # batch round events for at most 40 ms before handing them to the UI
+
+
+class EngineWorker(QObject):
+    events = Signal(list)  # list[UiEvent]
+    error = Signal(str)  # a message for the user (OnlineSpecError text, or the exception)
+    state = Signal(str)  # loading | running | paused | idle
+    message = Signal(str)  # status-bar notes (saved, loaded, baseline ...)
+    _start = Signal(object)
+    _poke = Signal()
+
+    def __init__(self) -> None:
+        super().__init__()  # no parent: moved to a QThread
+        self.pair: osc.ModelPair | None = None
+        self.pair_key: PairSpec | None = None
+        self.initial_draft: dict[str, torch.Tensor] | None = None
+        self.engine: osc.Engine | None = None  # config 0's engine (save/load/switch)
+        self.runner: Any = None  # Engine (single) or CompareRunner
+        self.engines: list[osc.Engine] = []
+        self.loaded_state = False  # next Start continues the loaded state
+        self.running = False
+        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._paused = threading.Event()
+        self._steps = 0
+        self._stopping = False
+        self._pending: list[UiEvent] = []
+        self._last_flush = 0.0
+        self._texts: dict[int, str] = {}
+        self._start.connect(self._run, Qt.ConnectionType.QueuedConnection)
+        self._poke.connect(self._drain, Qt.ConnectionType.QueuedConnection)
+
+    # ---- thread-safe requests (any thread) ---------------------------------------------
+    def start(self, spec: RunSpec) -> None:
+        self._stopping = False
+        self._paused.clear()
+        self._steps = 0
+        self._start.emit(spec)
+
+    def pause(self) -> None:
+        self._paused.set()
+
+    def resume(self) -> None:
+        self._paused.clear()
+
+    def step(self) -> None:
+        self._steps += 1
+
+    @property
+    def paused(self) -> bool:
+        return self._paused.is_set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._paused.clear()
+        r = self.runner
+        if r is not None:
+            r.stop()
+
+    def shift_topic(self) -> None:
+        r = self.runner
+        if r is not None:
+            r.shift_topic()
+
+    def set_updater(self, name: str, options: dict[str, Any]) -> None:
+        """Switch config 0's updater at the next round (raises OnlineSpecError on bad input)."""
+        if self.engine is None:
+            raise OnlineSpecError("no run yet: press Start first (the updater in the setup panel "
+                                  "is used from the first round)")
+        self.engine.set_updater(name, **options)
+        if not self.running:
+            self._emit([UiEvent("updater", 0, {"from": "", "to": name, "options": options})])
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        """Run fn in the worker thread: between rounds while running, at once when idle."""
+        self._calls.put(fn)
+        self._poke.emit()
+
+    def save_state(self, path: str) -> None:
+        self.submit(lambda: self._save(path))
+
+    def load_state(self, path: str, spec: RunSpec) -> None:
+        self.submit(lambda: self._load(path, spec))
+
+    # ---- worker thread -----------------------------------------------------------------
+    @Slot()
+    def _drain(self) -> None:
+        while True:
+            try:
+                fn = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            self._guard(fn)
+
+    def _guard(self, fn: Callable[[], None]) -> bool:
+        try:
+            fn()
+            return True
+        except OnlineSpecError as e:
+            self.error.emit(str(e))
+        except Exception as e:  # keep the app alive; show what happened
+            log.error("worker error:\n%s", traceback.format_exc())
+            self.error.emit(f"{type(e).__name__}: {e}")
+        return False
+
+    def _save(self, path: str) -> None:
+        if self.engine is None:
+            raise OnlineSpecError("nothing to save yet: start a run first")
+        self.engine.save_state(path)
+        self.message.emit(f"saved state to {path}")
+
+    def _load(self, path: str, spec: RunSpec) -> None:
+        if self.running:
+            raise OnlineSpecError("stop the run before loading a saved state")
+        pair = self._ensure_pair(spec.pair)
+        eng = osc.Engine(pair, k=spec.k, updater=spec.updater, updater_options=spec.updater_options)
+        eng.load_state(path)
+        self.engine, self.engines, self.runner = eng, [eng], eng
+        self.loaded_state = True
+        self.message.emit(f"loaded state from {path} (round {eng.round_index}, updater "
+                          f"{eng.updater_name}); Start continues it")
+
+    def _ensure_pair(self, ps: PairSpec) -> osc.ModelPair:
+        if self.pair is None or self.pair_key != ps:
+            self.pair, self.pair_key = None, None
+            pair = osc.load_pair(**ps.load_kwargs())
+            self.initial_draft = ({k: v.detach().clone() for k, v in pair.draft.module.state_dict().items()}
+                                  if pair.draft is not None else None)
+            self.pair, self.pair_key, self.loaded_state = pair, ps, False
+        return self.pair
+
+    def _text(self, tok: int) -> str:
+        t = self._texts.get(tok)
+        if t is None:
+            t = self.pair.tokenizer.decode([tok]) if self.pair is not None else str(tok)
+            self._texts[tok] = t
+        return t
+
+    def _emit(self, evs: list[UiEvent]) -> None:
+        self.events.emit(evs)
+
+    def _flush(self) -> None:
+        if self._pending:
+            self.events.emit(self._pending)
+            self._pending = []
+        self._last_flush = time.perf_counter()
+
+    def _push(self, ev: UiEvent, urgent: bool = False) -> None:
+        self._pending.append(ev)
+        if urgent or time.perf_counter() - self._last_flush >= FLUSH_S:
+            self._flush()
+
+    @Slot(object)
+    def _run(self, spec: RunSpec) -> None:
+        self.running = True
+        _lower_priority()
+        self._texts = {}
+        self.state.emit("loading")
+        try:
+            self._guard(lambda: self._run_inner(spec))
+        finally:
+            self._flush()
+            self.running = False
+            self._drain()
+            self.state.emit("idle")
+
+    def _run_inner(self, spec: RunSpec) -> None:
+        items = spec.stream.load()
+        if self.pair_key != spec.pair:
+            self.loaded_state = False
+        pair = self._ensure_pair(spec.pair)
+        gc.collect()
+        gc.freeze()  # long-lived objects (models, modules) out of the collector's way: no GC stalls
+        if self._stopping:
+            return
+        if self.pair_key is not None and pair.draft is not None and spec.reset_draft \
+                and not self.loaded_state and self.initial_draft is not None:
+            pair.draft.module.load_state_dict(self.initial_draft)
+            pair.draft.invalidate()
+        sampling = dict(temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p, seed=spec.seed)
+        if spec.compare:
+            runner = CompareRunner(pair, spec.compare, share_target=spec.share_target, **sampling)
+            self.engines, names = runner.engines, [c.name for c in spec.compare]
+            events = runner.run(items, spec.max_new_tokens)
+        else:
+            if self.loaded_state and self.engine is not None:
+                eng = self.engine  # continue a loaded state with its own config
+                eng.set_k(spec.k, dynamic=spec.dynamic_k)
+                eng.set_sampling(spec.temperature, spec.top_k, spec.top_p)
+            else:
+                eng = osc.Engine(pair, k=spec.k, updater=spec.updater, updater_options=spec.updater_options,
+                                 dynamic_k=spec.dynamic_k, **sampling)
+            self.loaded_state = False
+            runner, self.engines, names = eng, [eng], [eng.updater_name]
+            events = ((0, ev) for ev in eng.run_stream(items, spec.max_new_tokens))
+        self.runner, self.engine = runner, self.engines[0]
+        self._emit([UiEvent("run", -1, {"names": names, "n_prompts": len(items),
+                                        "greedy": spec.temperature == 0.0})])
+        if spec.baseline and pair.draft is not None:
+            self._baseline(pair, items[0], spec)
+        if self._stopping:
+            runner.stop()
+            return
+        self.state.emit("running")
+        for ci, ev in events:
+            self._push(self._convert(ci, ev), urgent=ev.kind not in ("round", "start", "done"))
+            if ev.kind == "round":
+                self._between_rounds()
+            if self._stopping:
+                runner.stop()
+        if spec.compare and runner.shared is not None:
+            self._push(UiEvent("share", -1, runner.shared.stats.as_dict()))
+
+    def _baseline(self, pair: osc.ModelPair, item: Any, spec: RunSpec) -> None:
+        """Target-only tokens/s on the first prompt, in this process, for the speedup."""
+        eng = osc.Engine(pair, k=1, temperature=spec.temperature, top_k=spec.top_k,
+                         top_p=spec.top_p, seed=spec.seed)
+        self.runner = eng
+        out = eng.generate_target_only(item.prompt, spec.max_new_tokens)
+        self.runner = None
+        tps = out.stats.get("tokens_per_s", 0.0)
+        self._emit([UiEvent("baseline", -1, {"tokens_per_s": tps, "tokens": len(out.token_ids)})])
+        self.message.emit(f"target-only baseline: {tps:.1f} tokens/s")
+
+    def _between_rounds(self) -> None:
+        """Queued calls run here; a pause holds here (the engine is between rounds)."""
+        self._drain()
+        if not self._paused.is_set() or self._stopping:
+            return
+        if self._steps > 0:
+            self._steps -= 1
+            return
+        self._flush()
+        self.state.emit("paused")
+        while self._paused.is_set() and not self._stopping and self._steps == 0:
+            time.sleep(0.02)
+            self._drain()
+        if self._steps > 0 and self._paused.is_set():
+            self._steps -= 1
+        elif not self._stopping:
+            self.state.emit("running")
+
+    def _convert(self, ci: int, ev: osc.Event) -> UiEvent:
+        if ev.kind != "round":
+            data = {k: v for k, v in ev.data.items() if k not in ("token_ids",)}
+            return UiEvent(ev.kind, ci, data)
+        r = ev.round
+        eng = self.engines[ci]
+        try:
+            stats = _jsonable(eng.updater.stats())
+        except Exception:  # an updater's stats must never stop the run
+            stats = {}
+        return UiEvent("round", ci, {
+            "round": r.index, "k": r.k, "accepted": r.accepted, "kind": r.kind,
+            "emitted": list(r.emitted), "texts": [self._text(t) for t in r.emitted],
+            "drafted": list(r.drafted), "drafted_texts": [self._text(t) for t in r.drafted],
+            "draft_p": list(r.draft_p), "target_p": list(r.target_p),
+            "topic": r.topic, "prompt_index": r.prompt_index, "wall_s": r.wall_s,
+            "update_s": r.update_s, "updated": r.updated, "loss": r.loss,
+            "updater": ev.data.get("updater", eng.updater_name), "stats": stats,
+        })
+
+
+def _lower_priority() -> None:
+    """Let the UI thread win the CPU when the machine is busy (Linux: per-thread nice)."""
+    nice = int(os.environ.get("ONLINESPEC_WORKER_NICE", "0"))
+    if nice and hasattr(os, "setpriority") and sys.platform.startswith("linux"):
+        try:
+            tid = threading.get_native_id()
+            if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+        except OSError:
+            pass
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, dict):
+        return {str(k): _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, torch.Tensor):
+        return o.detach().cpu().tolist()
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return o
