@@ -267,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
             for f in sorted((out / "streams").glob("*.jsonl")):
                 shutil.copy2(f, inst / "streams" / f.name)
             log(f"installed streams -> {inst / 'streams'}")
-        if report_path.exists():
+        if report_path.exists() and (inst / "models" / "demo").is_dir():
+            _save_report(report_path, report)
             shutil.copy2(report_path, inst / "models" / "demo" / "report.json")
 
     report.setdefault("times_s", {})["last_invocation_total"] = round(time.time() - t_all, 1)
