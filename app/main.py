@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp = tempfile.mkdtemp(prefix="onlinespec-shot-")
         settings = QSettings(str(Path(tmp) / "settings.ini"), QSettings.Format.IniFormat)
     win = MainWindow(settings)
+    gc.collect()
+    gc.freeze()  # torch/transformers/Qt import heaps: never walked by the collector again
     w, h = (int(v) for v in args.size.lower().split("x"))
     win.resize(w, h)
     _apply_args(win, args)

@@ -7,7 +7,7 @@ blocks are dropped (their hover data too).
 from __future__ import annotations
 
 from bisect import bisect_right
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from PySide6.QtCore import QEvent, QObject, Qt
 from PySide6.QtGui import QBrush, QColor, QFont, QFontDatabase, QTextCharFormat, QTextCursor
@@ -29,8 +29,7 @@ TRIM = 10_000  # drop at least this many tokens at a time
 MAX_BLOCK = 2_000  # characters before a forced line break (long single-line outputs)
 
 
-@dataclass
-class TokenInfo:
+class TokenInfo(NamedTuple):  # a tuple of atomics: untracked by the GC (100k of them)
     start: int  # absolute character position (never shifts when old blocks are dropped)
     length: int
     round: int
