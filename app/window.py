@@ -75,7 +75,7 @@ class MainWindow(QMainWindow):
         self.stats_label = QLabel("")
         self.stall_label = QLabel("UI stall max: 0 ms")
         self.statusBar().addWidget(self.status)
-        self.statusBar().addWidget(self.stats_label, 1)
+        self.statusBar().addPermanentWidget(self.stats_label)
         self.statusBar().addPermanentWidget(self.stall_label)
         self._menus()
 

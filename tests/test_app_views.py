@@ -116,3 +116,23 @@ def test_cli_gui_help(capsys):
         main(["gui", "--help"])
     assert e.value.code == 0
     assert "--screenshot" in capsys.readouterr().out
+
+
+def test_hover_shows_round_and_probabilities(qtbot):
+    from PySide6.QtCore import QEvent, QPoint
+    from PySide6.QtGui import QHelpEvent
+    from PySide6.QtWidgets import QApplication, QToolTip
+    view = TokenView()
+    qtbot.addWidget(view)
+    view.resize(600, 300)
+    view.show()
+    view.append([("prompt", {"topic": "code", "prompt_index": 0, "prompt": "def f():"}),
+                 ("round", fake_round(7, acc=1))])
+    info = view.infos[1]  # the correction token of round 7
+    c = view.text.textCursor()
+    c.setPosition(info.start - view._removed + 1)
+    pos = view.text.cursorRect(c).center()
+    vp = view.text.viewport()
+    QApplication.sendEvent(vp, QHelpEvent(QEvent.Type.ToolTip, pos, vp.mapToGlobal(pos)))
+    text = QToolTip.text()
+    assert "round 7" in text and "target prob p = 0.250" in text and "draft proposed" in text
