@@ -260,3 +260,20 @@ def test_bad_options_are_clear_errors():
         make_updater("ensemble", hedge="sometimes")
     with pytest.raises(osc.OnlineSpecError, match="unknown updater"):
         make_updater("sgd")
+
+
+def test_merged_sequence_forward_equals_per_round(rounds_and_pair, pair_dirs):
+    """lm drafts: one forward per sequence gives every round's path logits (same inputs)."""
+    from onlinespec_core.updaters.gradient import contiguous_groups
+    from onlinespec_core.updaters.ogd import OGDUpdater
+    rounds, _ = rounds_and_pair
+    draft = fresh_draft(pair_dirs)
+    merged, single = OGDUpdater(), OGDUpdater(merge=False)
+    merged.attach(draft)
+    single.attach(draft)
+    groups = contiguous_groups(rounds)
+    assert len(groups) == 2 and sum(map(len, groups)) == len(rounds)  # the two prompts
+    with torch.no_grad():
+        for a, b in zip(merged.batch_logits(rounds), single.batch_logits(rounds)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(merged.batch_losses(rounds), single.batch_losses(rounds), rtol=1e-4, atol=1e-5)

@@ -62,15 +62,14 @@ class DPOUpdater(GradientUpdater):
 
     def batch_losses(self, batch: list[Round]) -> torch.Tensor:
         if self.cfg.mode == "sft":
-            return torch.stack([sft_loss(self.draft.train_logits(r), r) for r in batch])
-        pairs = [(r, preference_pair(r)) for r in batch]
-        pairs = [(r, pp) for r, pp in pairs if pp is not None]
+            return torch.stack([sft_loss(lg, r) for lg, r in zip(self.batch_logits(batch), batch)])
+        pairs = [preference_pair(r) for r in batch]
         dev = self.params[0].device
-        idx = [torch.tensor([pp[1], pp[2]], device=dev) for _, pp in pairs]
+        idx = [None if pp is None else torch.tensor([pp[1], pp[2]], device=dev) for pp in pairs]
 
-        def logps() -> torch.Tensor:  # [P, 2]: log pi(c), log pi(r) at each rejection
-            return torch.stack([F.log_softmax(self.draft.train_logits(r)[pp[0]].float(), -1)[i]
-                                for (r, pp), i in zip(pairs, idx)])
+        def logps() -> torch.Tensor:  # [P, 2]: log pi(c), log pi(r) at each first rejection
+            return torch.stack([F.log_softmax(lg[pp[0]].float(), -1)[i]
+                                for lg, pp, i in zip(self.batch_logits(batch), pairs, idx) if pp is not None])
         ref = None
         if not self.ref_current:  # reference forward with the snapshot weights, before the graph
             write_params(self.params, self.ref)
@@ -79,17 +78,15 @@ class DPOUpdater(GradientUpdater):
             write_params(self.params, self.master)
         cur = logps()
         ref = cur.detach() if ref is None else ref
-        self.pairs += len(pairs)
+        self.pairs += cur.shape[0]
         return torch.stack([dpo_loss(a[0], a[1], b[0], b[1], self.cfg.beta) for a, b in zip(cur, ref)])
 
     def step(self, batch: list[Round], n_new: int) -> bool | None:
         c = self.cfg
         if c.cadence == "rounds" and self.observed - self.ref_round >= c.ref_every:
             self.refresh_reference()
-        if c.mode == "dpo":
-            batch = [r for r in batch if preference_pair(r) is not None]
-            if not batch:
-                return None
+        if c.mode == "dpo" and all(preference_pair(r) is None for r in batch):
+            return None  # no rejection in this batch: no preference pair
         _, grads = self.losses_and_grads(batch)
         if grads is None:
             return False

@@ -21,7 +21,7 @@ import torch
 from ..drafts.base import Draft
 from ..errors import OnlineSpecError, require
 from ..feedback import Round
-from .losses import DISTILL_LOSSES, POSITIONS, online_loss, round_distill_loss
+from .losses import DISTILL_LOSSES, POSITIONS, n_positions, online_loss, round_distill_loss
 
 ROUND_TENSORS = ("context_tail", "target_logits", "target_hidden")  # what train_logits may read
 ROUND_DROP = ("draft_logits",)  # not needed for training
@@ -42,6 +42,8 @@ class GradConfig:
     chunk_prompts: int = 25  # chunk cadence: train after every K prompts ...
     epochs: int = 2  # ... for E passes over the chunk
     max_grad_norm: float = 1.0  # clip the step's gradient norm (0 = off)
+    merge: bool = True  # lm drafts, path positions: one forward per sequence for all its rounds
+    feature_weight: float = 0.0  # feature drafts: + w * SmoothL1(f^, f) (EAGLE's recipe: 10 = 1 : 0.1)
     seed: int = 0  # minibatch order in chunk cadence
 
     def validate(self, name: str) -> None:
@@ -55,6 +57,7 @@ class GradConfig:
         require(self.lr > 0, f"{name}: lr must be > 0, got {self.lr!r}")
         require(self.temperature > 0, f"{name}: temperature must be > 0, got {self.temperature!r}")
         require(self.max_grad_norm >= 0, f"{name}: max_grad_norm must be >= 0 (0 = off)")
+        require(self.feature_weight >= 0, f"{name}: feature_weight must be >= 0")
 
 
 def parse_options(cls: type, options: dict[str, Any], name: str):
@@ -189,6 +192,32 @@ def rounds_from_state(tensors: dict[str, torch.Tensor], meta: list[dict], prefix
     return out
 
 
+def contiguous_groups(batch: list[Round]) -> list[list[int]]:
+    """Runs of rounds where each continues the previous one's sequence."""
+    groups: list[list[int]] = []
+    for i, r in enumerate(batch):
+        if groups:
+            p = batch[groups[-1][-1]]
+            e = len(p.emitted)
+            tail = r.context_tail
+            if (r.context_len == p.context_len + e and tail is not None and tail.numel() >= e
+                    and tail[tail.numel() - e:].tolist() == list(p.emitted)):
+                groups[-1].append(i)
+                continue
+        groups.append([i])
+    return groups
+
+
+def sequence_round(rounds: list[Round], m_last: int) -> Round:
+    """One Round covering consecutive rounds of a sequence. On the path (accepted + first
+    rejected), round t's draft logits condition on context_t + emitted_t[:i]: all inside the
+    final sequence, so a single causal forward gives every round's training logits."""
+    first, last = rounds[0], rounds[-1]
+    toks = [t for r in rounds[:-1] for t in r.emitted] + list(last.drafted[:m_last - 1]) + [0]  # last never fed
+    return Round(index=first.index, context_len=first.context_len, k=len(toks), drafted=toks,
+                 accepted=len(toks), emitted=toks, kind="merged", context_tail=first.context_tail)
+
+
 # ---- the base updater -------------------------------------------------------------------
 class GradientUpdater:
     """Cadence, buffer, guard and state shared by every gradient updater. Subclasses give
@@ -293,10 +322,34 @@ class GradientUpdater:
     # -- helpers for subclasses --
     def item_loss(self, rnd: Round) -> torch.Tensor:
         c = self.cfg
+        if c.feature_weight > 0 and hasattr(self.draft, "train_terms"):
+            t = self.draft.train_terms(rnd)  # feature drafts: logits and SmoothL1 on features
+            loss = round_distill_loss(t["logits"], rnd, c.loss, c.positions, c.temperature)
+            return loss + c.feature_weight * t["feature_loss"] if "feature_loss" in t else loss
         return round_distill_loss(self.draft.train_logits(rnd), rnd, c.loss, c.positions, c.temperature)
 
+    def batch_logits(self, batch: list[Round]) -> list[torch.Tensor]:
+        """Per round: draft logits [m_r, V] at its feedback positions, from the inputs it was
+        proposed with (merged into one forward per sequence for lm drafts on the path)."""
+        c = self.cfg
+        ms = [n_positions(r, c.positions) for r in batch]
+        if not (c.merge and c.positions == "path" and getattr(self.draft, "kind", None) == "lm"):
+            return [self.draft.train_logits(r)[:m] for r, m in zip(batch, ms)]
+        out: list[torch.Tensor] = [None] * len(batch)  # type: ignore[list-item]
+        for g in contiguous_groups(batch):
+            first = batch[g[0]]
+            logits = self.draft.train_logits(sequence_round([batch[i] for i in g], ms[g[-1]]))
+            for i in g:
+                off = batch[i].context_len - first.context_len
+                out[i] = logits[off:off + ms[i]]
+        return out
+
     def batch_losses(self, batch: list[Round]) -> torch.Tensor:
-        return torch.stack([self.item_loss(r) for r in batch])
+        c = self.cfg
+        if c.feature_weight > 0 and hasattr(self.draft, "train_terms"):
+            return torch.stack([self.item_loss(r) for r in batch])
+        return torch.stack([round_distill_loss(lg, r, c.loss, c.positions, c.temperature)
+                            for lg, r in zip(self.batch_logits(batch), batch)])
 
     def losses_and_grads(self, batch: list[Round]) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """Per-round losses [B] (detached) at the module's current weights and the clipped fp32

@@ -59,7 +59,7 @@ def distill_loss(draft_logits: torch.Tensor, target_logits: torch.Tensor, kind: 
 def round_distill_loss(draft_logits: torch.Tensor, rnd: Round, kind: str = "fkl",
                        positions: str = "path", temperature: float = 1.0) -> torch.Tensor:
     """Round loss f_t(w): draft_logits [k, V] (with or without grad) vs the round's target."""
-    m = n_positions(rnd, positions)
+    m = min(n_positions(rnd, positions), draft_logits.shape[0])
     assert rnd.target_logits is not None
     return distill_loss(draft_logits[:m], rnd.target_logits[:m].to(draft_logits.device), kind, temperature)
 
@@ -75,7 +75,7 @@ def online_loss(rnd: Round, kind: str = "fkl", positions: str = "path",
 
 def sft_loss(draft_logits: torch.Tensor, rnd: Round) -> torch.Tensor:
     """Online SFT on the target's tokens: CE with hard labels emitted[i] at positions 0..n."""
-    m = min(len(rnd.emitted), rnd.k)
+    m = min(len(rnd.emitted), rnd.k, draft_logits.shape[0])
     labels = torch.tensor(rnd.emitted[:m], dtype=torch.long, device=draft_logits.device)
     return F.cross_entropy(draft_logits[:m].float(), labels)
 
