@@ -23,7 +23,7 @@ from ..feedback import Round
 from ..sampling import SamplingConfig, logits_to_probs, sample
 from .base import Proposal, crop_cache
 from .features import (FeatureSeq, Readout, Record, RecordBook, check_target, family_body, load_weights,
-                       plain, read_head_config, run_body, save_head, target_fingerprint)
+                       plain, read_head_config, run_body, save_head, tail_features, target_fingerprint)
 
 
 @dataclass
@@ -61,6 +61,7 @@ class EagleDraft:
         self.module = module
         self.cfg = cfg
         self.readout = Readout(target)
+        self.target = target  # frozen; only read when a proposal must be rebuilt
         self.target_info = target_fingerprint(target)
         self.hidden_size = target.config.hidden_size
         self.records = RecordBook(cfg.max_records)
@@ -139,16 +140,34 @@ class EagleDraft:
     def train_features(self, rnd: Round) -> torch.Tensor:
         """[k, H] predicted features f^_{L-1..L+k-2} of the round's drafted positions, recomputed
         WITH grad from the inputs the proposal used (real features, then its own predictions)."""
-        rec = self.records.find(rnd.context_len, rnd.drafted, rnd.context_tail)
-        L, k, n = rec.seq.numel(), len(rec.drafted), rec.feats.shape[0]
+        rec = self.records.find(rnd.context_len, rnd.drafted, rnd.context_tail) or self._rebuild(rnd)
+        return self._unrolled(rec, rec.extra)
+
+    def _unrolled(self, rec: Record, extra: torch.Tensor) -> torch.Tensor:
+        """One causal pass over positions s..L+k-3 fed (f_t, x_{t+1}): real f below off+n, then
+        extra (the fed-back predictions); rows of the outputs at L-2.. are f^_{L-1..L+k-2}."""
+        off, L, k, n = rec.offset, rec.context_len, len(rec.drafted), rec.feats.shape[0]
         drafted = torch.tensor(rec.drafted, dtype=torch.long, device=rec.seq.device)
-        nxt = torch.cat([rec.seq[1:], drafted[:-1]])  # x_{t+1}, t = 0..L+k-3
-        feats = torch.cat([plain(rec.feats).to(self.dtype), plain(rec.extra).to(self.dtype)])  # f_t
-        s = max(0, L - 1 - self.cfg.train_window)
-        out = self.module(self._embed(nxt[s:]), feats[s:], s) if nxt.numel() > s else feats[:0]
-        if L >= 2:
+        nxt = torch.cat([rec.seq[1:], drafted[:-1]])  # x_{t+1}, t = off..L+k-3
+        feats = torch.cat([plain(rec.feats).to(self.dtype), plain(extra).to(self.dtype)])[: nxt.numel()]
+        nxt = nxt[: feats.shape[0]]  # (a partial extra while rebuilding)
+        s = max(off, L - 1 - self.cfg.train_window)
+        out = self.module(self._embed(nxt[s - off:]), feats[s - off:], s) if nxt.numel() > s - off else feats[:0]
+        if L - 2 >= s:
             return out[L - 2 - s:]
-        return torch.cat([feats.new_zeros(1, self.hidden_size), out])  # f^_0 := 0 (no context)
+        return torch.cat([feats.new_zeros(1, self.hidden_size), out])  # f^ := 0 without context
+
+    @torch.no_grad()
+    def _rebuild(self, rnd: Round) -> Record:
+        """Unknown proposal: target features from the context tail, then the head's own
+        predictions under the current weights as the fed-back inputs."""
+        ids, feats, off = tail_features(self.target, rnd)
+        rec = Record(ids.to(self.device), feats.to(self.device), feats[:0], tuple(rnd.drafted), off)
+        extra = feats.new_zeros(0, self.hidden_size)
+        for _ in range(len(rnd.drafted) - 1):
+            extra = torch.cat([extra, self._unrolled(rec, extra)[extra.shape[0]: extra.shape[0] + 1].float()])
+        rec.extra = extra
+        return rec
 
     def train_logits(self, rnd: Round) -> torch.Tensor:
         return self.readout.logits(self.train_features(rnd))

@@ -161,12 +161,18 @@ class FeatureSeq:
 
 @dataclass
 class Record:
-    """What one proposal read: the sequence, real features 0..n_real-1, and the (predicted)
-    inputs fed after them, so the same logits can be recomputed with grad later."""
-    seq: torch.Tensor  # [L] ids at proposal time
-    feats: torch.Tensor  # [n_real, H] real target features (a view)
-    extra: torch.Tensor  # [m, H] draft-side inputs at positions n_real.. (eagle) / base state (hydra)
+    """What one proposal read: the sequence, real features, and the (predicted) inputs fed
+    after them, so the same logits can be recomputed with grad later. Positions are
+    absolute: seq holds positions offset..L-1, feats positions offset..offset+n-1."""
+    seq: torch.Tensor  # [L - offset] ids at proposal time
+    feats: torch.Tensor  # [n, H] real target features (a view)
+    extra: torch.Tensor  # [m, H] draft-side inputs after the real ones (eagle) / base state (hydra)
     drafted: tuple[int, ...]
+    offset: int = 0
+
+    @property
+    def context_len(self) -> int:
+        return self.offset + self.seq.numel()
 
 
 class RecordBook:
@@ -178,7 +184,7 @@ class RecordBook:
         self.count = 0
 
     def add(self, rec: Record) -> None:
-        key = (rec.seq.numel(), rec.drafted)
+        key = (rec.context_len, rec.drafted)
         self.book.setdefault(key, []).append(rec)
         self.book.move_to_end(key)
         self.count += 1
@@ -186,19 +192,33 @@ class RecordBook:
             _, recs = self.book.popitem(last=False)
             self.count -= len(recs)
 
-    def find(self, context_len: int, drafted: list[int], tail: torch.Tensor | None) -> Record:
-        recs = self.book.get((context_len, tuple(drafted)), [])
-        for rec in reversed(recs):
-            if tail is None or torch.equal(rec.seq[context_len - tail.numel():].cpu(), tail.cpu()):
+    def find(self, context_len: int, drafted: list[int], tail: torch.Tensor | None) -> Record | None:
+        for rec in reversed(self.book.get((context_len, tuple(drafted)), [])):
+            n = min(rec.seq.numel(), tail.numel()) if tail is not None else 0
+            if tail is None or torch.equal(rec.seq[rec.seq.numel() - n:].cpu(), tail[tail.numel() - n:].cpu()):
                 return rec
-        raise OnlineSpecError(
-            "this round's proposal is no longer known to the draft (it keeps the last "
-            f"{self.max_records} proposals, and none after a reset of the draft's weights); "
-            "compute the loss within max_records rounds of the proposal")
+        return None
 
     def clear(self) -> None:
         self.book.clear()
         self.count = 0
+
+
+@torch.no_grad()
+def tail_features(target: PreTrainedModel, rnd: Any) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Fallback when a proposal is unknown (e.g. rounds an updater restored with load_state):
+    re-read the round's context tail with the target -> (ids, features of positions
+    offset..L-2, offset). Exact when the whole context fits in the tail."""
+    tail = rnd.context_tail
+    if tail is None or tail.numel() < 1:
+        raise OnlineSpecError("this round's proposal is unknown to the draft and the round has no "
+                              "context_tail; keep context_tail in rounds handed to train_logits")
+    dev = target.get_input_embeddings().weight.device
+    off = rnd.context_len - tail.numel()
+    ids = tail.to(dev)
+    pos = torch.arange(off, rnd.context_len, device=dev)[None]
+    out = target(input_ids=ids[None], position_ids=pos, output_hidden_states=True, use_cache=False)
+    return ids, out.hidden_states[-1][0, :-1].float(), off
 
 
 def save_head(module: nn.Module, path: str | Path, config: dict[str, Any],

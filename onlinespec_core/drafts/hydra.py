@@ -23,7 +23,7 @@ from ..sampling import SamplingConfig, logits_to_probs, sample
 from .base import Proposal, crop_cache
 from .eagle import _config, build_module
 from .features import (FeatureSeq, Readout, Record, RecordBook, check_target, family_body, load_weights,
-                       plain, read_head_config, run_body, save_head, target_fingerprint)
+                       plain, read_head_config, run_body, save_head, tail_features, target_fingerprint)
 
 
 @dataclass
@@ -77,6 +77,7 @@ class HydraDraft:
         self.module = module
         self.cfg = cfg
         self.readout = Readout(target)
+        self.target = target  # frozen; only read when a proposal must be rebuilt
         self.target_info = target_fingerprint(target)
         self.hidden_size = target.config.hidden_size
         self.records = RecordBook(cfg.max_records)
@@ -155,11 +156,11 @@ class HydraDraft:
     def train_logits(self, rnd: Round) -> torch.Tensor:
         """[k, V] logits of the round's drafted positions, recomputed with grad from the same
         base state (or, with the prefix layer, the same features) and the same token inputs."""
-        rec = self.records.find(rnd.context_len, rnd.drafted, rnd.context_tail)
-        L, n = rec.seq.numel(), rec.feats.shape[0]
+        rec = self.records.find(rnd.context_len, rnd.drafted, rnd.context_tail) or self._rebuild(rnd)
+        L, n = rec.seq.numel(), rec.feats.shape[0]  # relative to rec.offset
         if self.module.prefix is not None and n:
             s = max(0, n - self.cfg.train_window)
-            h = self.module.base(plain(rec.feats[s:]).to(self.dtype), s)[-1]
+            h = self.module.base(plain(rec.feats[s:]).to(self.dtype), rec.offset + s)[-1]
         else:
             h = plain(rec.extra[0]).to(self.dtype)
         drafted = torch.tensor(rec.drafted, dtype=torch.long, device=rec.seq.device)
@@ -167,6 +168,13 @@ class HydraDraft:
         first = len(embs) - len(rec.drafted)
         feats = [self.module(h, embs[:first + i]) for i in range(len(rec.drafted))]
         return self.readout.logits(torch.stack(feats))
+
+    def _rebuild(self, rnd: Round) -> Record:
+        """Unknown proposal (e.g. restored rounds): target features from the context tail."""
+        ids, feats, off = tail_features(self.target, rnd)
+        feats = feats.to(self.device)
+        h = feats[-1:].to(self.dtype) if feats.shape[0] else feats.new_zeros(1, self.hidden_size)
+        return Record(ids.to(self.device), feats, h, tuple(rnd.drafted), off)
 
     def offline_loss(self, ids: torch.Tensor, feats: torch.Tensor, target_logits: torch.Tensor,
                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
