@@ -79,3 +79,19 @@ def test_live_switches_keep_output_and_weights(pair_dirs, refs):
     assert tokens == ref
     assert [s[1] for s in switches] == ["ensemble", "optimistic", "dpo", "frozen", "ogd"]
     assert switches[0][0] == "ogd" and eng.updater_name == "ogd"
+
+
+@pytest.mark.parametrize("kind,name", [("eagle", "ensemble"), ("hydra", "optimistic"), ("eagle", "dpo")])
+def test_feature_drafts_learn_losslessly(pair_dirs, refs, kind, name):
+    """The updaters only use the Draft protocol: eagle/hydra heads train the same way."""
+    t, _ = pair_dirs["llama"]
+    pair = osc.load_pair(target=str(t), draft=None, draft_kind=kind)
+    opts = {"feature_weight": 10.0} if kind == "eagle" and name != "dpo" else {}
+    eng = osc.Engine(pair, k=3, updater=name, updater_options=opts)
+    taus = []
+    for _ in range(4):
+        out = eng.generate(PROMPTS[0], max_new_tokens=32)
+        assert out.token_ids == refs[PROMPTS[0]]
+        taus.append(out.stats["tau"])
+    assert taus[-1] > taus[0], taus
+    assert eng.updater.stats()["skipped"] == 0
