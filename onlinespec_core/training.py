@@ -177,7 +177,7 @@ def warm_up(pair: ModelPair, data: Any, cfg: WarmupConfig | None = None, progres
         for ids in batches(tokens, cfg.batch_size, cfg.seq_len, g):
             elapsed = time.perf_counter() - t0
             frac = max(step / steps if steps else 0.0, elapsed / (60 * cfg.minutes) if cfg.minutes else 0.0)
-            if (steps is not None and step >= steps) or (cfg.minutes is not None and elapsed >= 60 * cfg.minutes):
+            if (steps is not None and step >= steps) or (cfg.minutes is not None and step and elapsed >= 60 * cfg.minutes):
                 break
             ids = ids.to(device)
             feats, tlogits = target_pass(target, ids, draft.needs_hidden)
