@@ -154,11 +154,14 @@ def load_list(tensors: dict[str, torch.Tensor], prefix: str, like: list[torch.Te
 
 
 # ---- rounds in the buffer ---------------------------------------------------------------
-def snapshot(rnd: Round) -> Round:
-    """A training copy of a round: own (autograd-usable) tensors, independent of release()."""
+def snapshot(rnd: Round, logit_rows: int | None = None) -> Round:
+    """A training copy of a round: own (autograd-usable) tensors, independent of release();
+    only the first logit_rows target rows are kept (the positions a loss reads)."""
     c = dataclasses.replace(rnd)
     for f in ROUND_TENSORS:
         t = getattr(rnd, f)
+        if f == "target_logits" and t is not None and logit_rows is not None:
+            t = t[:logit_rows]
         setattr(c, f, None if t is None else t.detach().clone())
     for f in ROUND_DROP:
         setattr(c, f, None)
@@ -256,7 +259,7 @@ class GradientUpdater:
         self.observed += 1
         rnd.loss = online_loss(rnd, c.loss, c.positions, c.temperature)
         self.last_online_loss = rnd.loss
-        item = snapshot(rnd)
+        item = snapshot(rnd, n_positions(rnd, c.positions))
         if c.cadence == "rounds":
             self.buffer.append(item)
             del self.buffer[:-c.batch]
