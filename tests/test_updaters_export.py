@@ -65,3 +65,16 @@ def test_export_errors(tmp_path, capsys):
     (tmp_path / "s" / "state.json").write_text(json.dumps({"draft_kind": "lm"}))
     assert cli(["export-draft", str(tmp_path / "s"), "--out", str(tmp_path / "out")]) == 2
     assert "--base" in capsys.readouterr().err
+
+
+def test_bench_updaters_script_runs(tmp_path, capsys):
+    from onlinespec_core.updaters.bench_updaters import main as bench
+    out = tmp_path / "b.json"
+    assert bench(["--tiny", "--runs", "frozen;ensemble:hedge=last", "--per-topic", "2", "--max-new-tokens", "10",
+                  "--window", "4", "--json", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["name"] for r in runs] == ["frozen", "ensemble:hedge=last"]
+    for r in runs:
+        assert 0 <= r["update_fraction"] < 1 and r["tau_A_first"] >= 1 and r["tau_B_last"] >= 1
+    assert len(runs[1]["weights_A_end"]) == 3 and runs[1]["options"] == {"hedge": "last"}
+    assert "| run | tau |" in capsys.readouterr().out
