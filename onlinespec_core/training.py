@@ -38,6 +38,8 @@ class WarmupConfig:
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 10
+    target_bf16: bool = False  # CPU/GPU autocast for the (no-grad) target pass: ~2x faster on CPU
+    max_positions: int | None = None  # feature drafts: token loss on a random subset of positions
 
     def validate(self) -> None:
         require(self.steps is None or self.steps >= 1, f"steps must be >= 1, got {self.steps}")
@@ -129,14 +131,20 @@ def lm_loss(draft: Any, ids: torch.Tensor, feats: torch.Tensor | None, target_lo
     return ce, {"ce": ce.item(), "top1": (logq.argmax(-1) == p.argmax(-1)).float().mean().item()}
 
 
-def draft_loss(draft: Any, *args: Any, **kw: Any) -> tuple[torch.Tensor, dict[str, float]]:
+def draft_loss(draft: Any, ids: torch.Tensor, feats: torch.Tensor | None, target_logits: torch.Tensor,
+               generator: torch.Generator | None = None,
+               max_positions: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     fn = getattr(draft, "offline_loss", None)
-    return fn(*args, **kw) if fn is not None else lm_loss(draft, *args, **kw)
+    if fn is None:
+        return lm_loss(draft, ids, feats, target_logits, generator)
+    return fn(ids, feats, target_logits, generator=generator, max_positions=max_positions)
 
 
 @torch.no_grad()
-def target_pass(target: Any, ids: torch.Tensor, need_hidden: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
-    out = target(input_ids=ids, use_cache=False, output_hidden_states=need_hidden)
+def target_pass(target: Any, ids: torch.Tensor, need_hidden: bool,
+                bf16: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = target(input_ids=ids, use_cache=False, output_hidden_states=need_hidden)
     feats = out.hidden_states[-1].float() if need_hidden else None
     return feats, out.logits
 
@@ -180,10 +188,10 @@ def warm_up(pair: ModelPair, data: Any, cfg: WarmupConfig | None = None, progres
             if (steps is not None and step >= steps) or (cfg.minutes is not None and step and elapsed >= 60 * cfg.minutes):
                 break
             ids = ids.to(device)
-            feats, tlogits = target_pass(target, ids, draft.needs_hidden)
+            feats, tlogits = target_pass(target, ids, draft.needs_hidden, cfg.target_bf16)
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, step, frac)
-            loss, stats = draft_loss(draft, ids, feats, tlogits, generator=None)
+            loss, stats = draft_loss(draft, ids, feats, tlogits, g, cfg.max_positions)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -278,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="target/draft dtype while training")
     p.add_argument("--save-dtype", default=None, help="e.g. bfloat16 to halve the file (default: as trained)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--target-bf16", action="store_true", help="bf16 autocast for the target pass (faster)")
+    p.add_argument("--max-positions", type=int, default=None,
+                   help="eagle/hydra: token loss on at most this many random positions per batch")
     g = p.add_argument_group("fresh lm draft")
     g.add_argument("--hidden", type=int, default=128)
     g.add_argument("--layers", type=int, default=1)
@@ -305,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     if (hydra_opts and args.kind != "hydra") or (args.feature_noise is not None and args.kind != "eagle"):
         raise OnlineSpecError("--n-heads/--head-layers/--prefix are hydra options, --feature-noise is eagle's")
     cfg = WarmupConfig(steps=args.steps, minutes=args.minutes, batch_size=args.batch_size,
-                       seq_len=args.seq_len, lr=args.lr, seed=args.seed)
+                       seq_len=args.seq_len, lr=args.lr, seed=args.seed, target_bf16=args.target_bf16,
+                       max_positions=args.max_positions)
     cfg.validate()
     pair = load_for_training(args.kind, args.target, args.init, args.device, args.dtype,
                              args.hidden, args.layers, args.seed, **opts)

@@ -185,18 +185,22 @@ class EagleDraft:
         return out
 
     def offline_loss(self, ids: torch.Tensor, feats: torch.Tensor, target_logits: torch.Tensor,
-                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                     generator: torch.Generator | None = None,
+                     max_positions: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """Warm-up loss on a batch: ids [B, T], target features f [B, T, H] and logits [B, T, V].
-        Position t feeds (f_t, x_{t+1}) and is scored against f_{t+1} and p_{t+1} (alignment)."""
+        Position t feeds (f_t, x_{t+1}) and is scored against f_{t+1} and p_{t+1} (alignment);
+        the token term on at most max_positions random positions (the lm_head dominates)."""
         f_in = feats[:, :-1].to(self.dtype)
         if self.cfg.feature_noise > 0:
             rms = f_in.pow(2).mean(-1, keepdim=True).sqrt()
-            u = torch.rand(f_in.shape, generator=generator, device=f_in.device, dtype=f_in.dtype)
+            u = torch.rand(f_in.shape, generator=generator, device="cpu").to(f_in.device, f_in.dtype)
             f_in = f_in + (2 * u - 1) * self.cfg.feature_noise * rms
         pred = self.module(self._embed(ids[:, 1:]), f_in)
         feat_loss = F.smooth_l1_loss(pred, feats[:, 1:].to(self.dtype))
-        p = torch.softmax(target_logits[:, 1:].float(), -1)
-        logq = torch.log_softmax(self.readout.logits(pred), -1)
+        pred, tl = pred.reshape(-1, pred.shape[-1]), target_logits[:, 1:].reshape(pred.shape[0] * pred.shape[1], -1)
+        idx = subset(pred.shape[0], max_positions, generator, pred.device)
+        p = torch.softmax(tl[idx].float(), -1)
+        logq = torch.log_softmax(self.readout.logits(pred[idx]), -1)
         ce = -(p * logq.clamp_min(-1e4)).sum(-1).mean()
         acc = (logq.argmax(-1) == p.argmax(-1)).float().mean()
         return feat_loss + self.cfg.ce_weight * ce, {"feature_loss": feat_loss.item(), "ce": ce.item(),
@@ -205,6 +209,13 @@ class EagleDraft:
     def save(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
         save_head(self.module, path, {"kind": self.kind, "format": 1, "target": self.target_info,
                                       "head": asdict(self.cfg)}, dtype)
+
+
+def subset(n: int, k: int | None, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Indices of k random rows out of n (all rows when k is None or >= n)."""
+    if k is None or k >= n:
+        return torch.arange(n, device=device)
+    return torch.randperm(n, generator=generator)[:k].to(device)
 
 
 def _config(kind: str, cls: type, saved: dict[str, Any], kw: dict[str, Any]):

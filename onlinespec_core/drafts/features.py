@@ -72,29 +72,24 @@ class Readout:
         return pad_vocab(self.lm_head(x).float(), self.vocab_size)
 
 
-_NORMED: dict[int, bool] = {}
-
-
 @torch.inference_mode()
 def features_are_normed(target: PreTrainedModel) -> bool:
     """True when lm_head(out.hidden_states[-1]) reproduces the logits (post-norm features)."""
-    key = id(target)
-    if key not in _NORMED:
-        dev = target.get_input_embeddings().weight.device
-        ids = torch.tensor([[0, 1, 2]], device=dev) % target.config.vocab_size
-        out = target(input_ids=ids, output_hidden_states=True, use_cache=False)
-        h = out.hidden_states[-1]
-        ok = torch.allclose(target.get_output_embeddings()(h).float(), out.logits.float(),
-                            atol=1e-3, rtol=1e-3)
-        if not ok:
-            norm = final_norm(target)
-            if norm is None or not torch.allclose(target.get_output_embeddings()(norm(h)).float(),
-                                                  out.logits.float(), atol=1e-3, rtol=1e-3):
-                warnings.warn(f"{type(target).__name__}: logits are not lm_head(last hidden state) "
-                              "(softcapping/scaling?); the feature draft still works (lossless) but "
-                              "reads tokens approximately", stacklevel=2)
-        _NORMED[key] = ok
-    return _NORMED[key]
+    cached = getattr(target, "_onlinespec_features_normed", None)
+    if cached is not None:
+        return cached
+    dev = target.get_input_embeddings().weight.device
+    ids = torch.tensor([[0, 1, 2]], device=dev) % target.config.vocab_size
+    out = target(input_ids=ids, output_hidden_states=True, use_cache=False)
+    h, lm, want = out.hidden_states[-1], target.get_output_embeddings(), out.logits.float()
+    ok = torch.allclose(lm(h).float(), want, atol=1e-3, rtol=1e-3)
+    norm = final_norm(target)
+    if not ok and (norm is None or not torch.allclose(lm(norm(h)).float(), want, atol=1e-3, rtol=1e-3)):
+        warnings.warn(f"{type(target).__name__}: logits are not lm_head(last hidden state) "
+                      "(softcapping/scaling?); the feature draft stays lossless but reads tokens "
+                      "approximately", stacklevel=2)
+    target._onlinespec_features_normed = ok
+    return ok
 
 
 def family_body(target_config: Any, trust_remote_code: bool = False) -> nn.Module:

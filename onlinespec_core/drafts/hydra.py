@@ -21,7 +21,7 @@ from transformers import DynamicCache, PreTrainedModel
 from ..feedback import Round
 from ..sampling import SamplingConfig, logits_to_probs, sample
 from .base import Proposal, crop_cache
-from .eagle import _config, build_module
+from .eagle import _config, build_module, subset
 from .features import (FeatureSeq, Readout, Record, RecordBook, check_target, family_body, load_weights,
                        plain, read_head_config, run_body, save_head, tail_features, target_fingerprint)
 
@@ -177,19 +177,24 @@ class HydraDraft:
         return Record(ids.to(self.device), feats, h, tuple(rnd.drafted), off)
 
     def offline_loss(self, ids: torch.Tensor, feats: torch.Tensor, target_logits: torch.Tensor,
-                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                     generator: torch.Generator | None = None,
+                     max_positions: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """Warm-up loss: head i reads h_t and e(x_{t+1..t+i}) and is scored against p_{t+i}
-        (the target's distribution of x_{t+i+1}); mean over heads of the soft CE."""
-        T = ids.shape[1]
+        (the target's distribution of x_{t+i+1}); mean over heads of the soft CE, each on at
+        most max_positions random positions."""
+        B, T = ids.shape
         h = self.module.base(feats.to(self.dtype))
         e = self._embed(ids)
         losses, accs = [], []
         for i in range(1, len(self.module.heads) + 1):
             if T - i <= 0:
                 break
-            embs = [e[:, j:T - i + j] for j in range(1, i + 1)]
-            logq = torch.log_softmax(self.readout.logits(self.module(h[:, :T - i], embs)), -1)
-            p = torch.softmax(target_logits[:, i:].float(), -1)
+            n = B * (T - i)
+            idx = subset(n, max_positions, generator, h.device)
+            flat = lambda x: x.reshape(n, -1)[idx]  # noqa: E731  rows (b, t) of a [B, T-i, .] slice
+            embs = [flat(e[:, j:T - i + j]) for j in range(1, i + 1)]
+            logq = torch.log_softmax(self.readout.logits(self.module(flat(h[:, :T - i]), embs)), -1)
+            p = torch.softmax(flat(target_logits[:, i:]).float(), -1)
             losses.append(-(p * logq.clamp_min(-1e4)).sum(-1).mean())
             accs.append((logq.argmax(-1) == p.argmax(-1)).float().mean())
         loss = torch.stack(losses).mean()
