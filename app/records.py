@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROLL = 32  # rounds in the rolling windows (tau, loss, tokens/s)
 ORIGINS = ("draft", "correction", "bonus", "target")  # accepted draft | rejection fix | bonus | target-only
 
@@ -33,13 +35,36 @@ def origins(accepted: int, kind: str, n: int) -> list[str]:
     return ["draft" if i < accepted else last for i in range(n)]
 
 
+class Growable:
+    """An append-only float array with amortised O(1) append and O(1) numpy view (for plots)."""
+
+    def __init__(self) -> None:
+        self._buf = np.empty(1024)
+        self._n = 0
+
+    def append(self, v: float) -> None:
+        if self._n == len(self._buf):
+            self._buf = np.concatenate([self._buf, np.empty(len(self._buf))])
+        self._buf[self._n] = v
+        self._n += 1
+
+    def view(self) -> np.ndarray:
+        return self._buf[: self._n]
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        return self.view()[i]
+
+
 @dataclass
 class Series:
     name: str
-    x: list[int] = field(default_factory=list)  # tokens generated after each round
-    tau: list[float] = field(default_factory=list)  # rolling mean tau
-    loss: list[float] = field(default_factory=list)  # rolling mean online loss (nan if none)
-    tok_s: list[float] = field(default_factory=list)  # rolling tokens/s
+    x: Growable = field(default_factory=Growable)  # tokens generated after each round
+    tau: Growable = field(default_factory=Growable)  # rolling mean tau
+    loss: Growable = field(default_factory=Growable)  # rolling mean online loss (nan if none)
+    tok_s: Growable = field(default_factory=Growable)  # rolling tokens/s
     weights: list[list[float]] = field(default_factory=list)  # ensemble weights per round
     weights_x: list[int] = field(default_factory=list)
     step_sizes: list[float] = field(default_factory=list)
@@ -101,9 +126,9 @@ class Series:
             "config": self.name, "round": d["round"], "prompt_index": d.get("prompt_index"),
             "topic": d.get("topic"), "updater": self.updater, "k": k, "accepted": d["accepted"],
             "tau": d["accepted"] + 1, "tokens": n, "tokens_total": self.tokens,
-            "rolling_tau": self.tau[-1], "loss": _finite(loss), "wall_s": d["wall_s"],
+            "rolling_tau": float(self.tau[-1]), "loss": _finite(loss), "wall_s": d["wall_s"],
             "update_s": d.get("update_s", 0.0), "updated": d.get("updated", False),
-            "rolling_tokens_per_s": _finite(self.tok_s[-1]),
+            "rolling_tokens_per_s": _finite(float(self.tok_s[-1])),
         })
 
 
@@ -149,9 +174,9 @@ class RunLog:
             self.share = dict(ev.data)
 
     def speedup(self, s: Series) -> float | None:
-        if not self.baseline_tok_s or not s.tok_s:
+        if not self.baseline_tok_s or not len(s.tok_s):
             return None
-        v = s.tok_s[-1]
+        v = float(s.tok_s[-1])
         return v / self.baseline_tok_s if math.isfinite(v) else None
 
     def summary(self) -> dict[str, Any]:

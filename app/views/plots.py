@@ -97,12 +97,12 @@ class PlotsView(QWidget):
     # ---- refresh from the run log (the window calls this at a few Hz) --------------------
     def refresh(self, log: RunLog) -> None:
         for i, s in enumerate(log.series[: len(self.names)]):
-            x = _arr(s.x)
-            self.c_tau[i].setData(x, _arr(s.tau))
-            self.c_loss[i].setData(x, _arr(s.loss))
-            self.c_speed[i].setData(x, _arr(s.tok_s))
+            x = s.x.view()
+            self.c_tau[i].setData(x, s.tau.view())
+            self.c_loss[i].setData(x, s.loss.view())
+            self.c_speed[i].setData(x, s.tok_s.view())
             if log.baseline_tok_s:
-                self.c_up[i].setData(x, _arr(s.tok_s) / log.baseline_tok_s)
+                self.c_up[i].setData(x, s.tok_s.view() / log.baseline_tok_s)
             acc = s.per_position
             if acc:
                 n = len(self.names)
@@ -162,8 +162,11 @@ class PlotsView(QWidget):
         s = next((s for s in log.series if s.weights), None)
         if s is None:
             return
-        w = np.asarray([r for r in s.weights if len(r) == len(s.weights[-1])], dtype=float)
-        x = _arr(s.weights_x[-len(w):])
+        kk = len(s.weights[-1])
+        step = max(1, len(s.weights) // 4000)  # at most ~4000 stacked points per refresh
+        idx = [i for i in range(len(s.weights) - 1, -1, -step) if len(s.weights[i]) == kk][::-1]
+        w = np.asarray([s.weights[i] for i in idx], dtype=float)
+        x = _arr([s.weights_x[i] for i in idx])
         k = w.shape[1]
         if k != self._w_k:
             for it in self._w_items:
