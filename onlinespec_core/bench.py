@@ -59,7 +59,7 @@ class PromptResult:
     wall_s: float
     forwards: int  # target forward passes
     drafted: int = 0  # draft forward passes (= drafted tokens)
-    tau_sum: int = 0  # sum over rounds of accepted + 1 (engine methods)
+    tau_sum: int = 0  # tokens emitted (= sum of accepted + 1 over rounds, less any cut at EOS)
     update_s: float = 0.0
     bookkeeping_s: float = 0.0
     draft_s: float = 0.0
@@ -101,7 +101,7 @@ class EngineMethod:
         wall = time.perf_counter() - t0
         rs = out.rounds
         return PromptResult("", out.token_ids, wall, len(rs), sum(r.k for r in rs),
-                            sum(r.tau for r in rs), sum(r.update_s for r in rs),
+                            len(out.token_ids), sum(r.update_s for r in rs),
                             sum(r.bookkeeping_s for r in rs), sum(r.draft_s for r in rs),
                             sum(r.verify_s for r in rs))
 
@@ -313,7 +313,8 @@ class Totals:
 
     @property
     def tau(self) -> float:
-        """Mean tokens per target forward, counting the bonus/correction (accepted + 1)."""
+        """Tokens per target forward (accepted + 1 per round, as emitted: a round cut at EOS
+        counts the tokens it emitted), the same definition for the engine and for HF."""
         return self.tau_sum / self.forwards if self.forwards else 0.0
 
 
