@@ -44,6 +44,9 @@ def test_bench_json_and_table(pair_dirs, stream_file, tmp_path, capsys):
             assert 0.0 <= r["update_fraction"] < 1.0
             assert r["bound"] == pytest.approx(r["tau"] / (1 + r["drafted_per_forward"] * rep["cost"]["c"]))
             assert 1.0 <= r["tau"] <= 4.0 and "tau_after_shift" in r
+            if r["name"] != "hf_assisted":
+                assert r["bound_measured_costs"] == pytest.approx(r["tau"] / (
+                    r["verify_cost_vs_ar_forward"] + r["drafted_per_forward"] * r["c_in_engine"]))
     ar = rep["runs"][0]
     assert ar["speedup_vs_ar"] == 1.0 and ar["tau"] == 1.0 and ar["target_forwards_per_token"] == 1.0
     assert rep["runs"][1]["speedup_vs_hf_assisted"] == 1.0
@@ -97,5 +100,5 @@ def test_markdown_table_marks_lossy_runs():
               "config": {"k": 4, "max_new_tokens": 8, "reps": 1},
               "machine": {"torch_threads": 1, "cpu_count": 2}}
     md = bench.markdown_tables(report)
-    assert "| x | 2.00 | 10.0 (9.0..11.0) | 1.50x | - | - | - | 0.010 | NO |" in md
+    assert "| x | 2.00 | 10.0 (9.0..11.0) | 1.50x | - | - | - | - | 0.010 | NO |" in md
     assert "| x | 2.00 / 1.50x | - |" in md
