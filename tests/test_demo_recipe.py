@@ -72,7 +72,7 @@ def test_recipe_report_and_resume(tiny_run):
 
 
 def test_corpus_is_deterministic_and_splits_are_disjoint(tmp_path):
-    cfg = CorpusConfig(seed=3, n_math=150, n_sql=150, n_prose=100, n_general=100, max_code_functions=60,
+    cfg = CorpusConfig(seed=3, n_math=150, n_sql=150, n_prose=100, n_general=100, max_code_functions=60, max_code_files=30,
                        max_code_extra=20, max_pydoc_paragraphs=20, min_heldout=10)
     a = build_corpus(tmp_path / "a", cfg, log=lambda m: None)
     b = build_corpus(tmp_path / "b", cfg, log=lambda m: None)

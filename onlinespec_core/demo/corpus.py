@@ -49,6 +49,7 @@ class CorpusConfig:
     max_pydoc_paragraphs: int | None = 3000
     code_extra: bool = True  # train-only: stdlib functions without docstrings + the test suite
     max_code_extra: int | None = 15000
+    max_code_files: int | None = None  # scan only a seeded sample of stdlib files (tiny configs)
     min_heldout: int = 60  # at least this many held-out docs per topic (streams need ~40)
 
 
@@ -75,7 +76,8 @@ def stdlib_dir() -> Path:
 _EXTRA_OK_DIRS = {"test", "tests", "idle_test", "idlelib", "lib2to3", "turtledemo"}
 
 
-def iter_code_functions(root: Path | None = None, extra: bool = False) -> Iterator[dict]:
+def iter_code_functions(root: Path | None = None, extra: bool = False,
+                        max_files: int | None = None, seed: int = 0) -> Iterator[dict]:
     """Yield functions with docstrings from the stdlib: prompt = signature + docstring.
 
     ``extra=True`` instead yields the functions *without* docstrings (and those in the test
@@ -89,6 +91,8 @@ def iter_code_functions(root: Path | None = None, extra: bool = False) -> Iterat
         for fn in sorted(filenames):
             if fn.endswith(".py") and (extra or not fn.startswith("test_")):
                 files.append(Path(dirpath) / fn)
+    if max_files is not None and len(files) > max_files:  # small configs: a seeded file sample
+        files = sorted(random.Random(f"{seed}:codefiles:{extra}").sample(files, max_files))
     for path in files:
         try:
             src = path.read_text(encoding="utf-8")
@@ -606,7 +610,7 @@ def gen_general(cfg: CorpusConfig, rng: random.Random) -> Iterator[dict]:
 def _topic_source(topic: str, cfg: CorpusConfig) -> Iterable[dict]:
     rng = random.Random(f"{cfg.seed}:{topic}")
     if topic == "code":
-        it: Iterable[dict] = iter_code_functions()
+        it: Iterable[dict] = iter_code_functions(max_files=cfg.max_code_files, seed=cfg.seed)
         if cfg.max_code_functions is not None:
             docs = list(it)
             random.Random(f"{cfg.seed}:codesel").shuffle(docs)
@@ -654,7 +658,7 @@ def build_corpus(out_dir: str | Path, cfg: CorpusConfig | None = None,
         for d in docs:
             splits[_split_of(cfg.seed, d["id"], frac)].append(d)
         if topic == "code" and cfg.code_extra:
-            extra = list(iter_code_functions(extra=True))
+            extra = list(iter_code_functions(extra=True, max_files=cfg.max_code_files, seed=cfg.seed))
             random.Random(f"{cfg.seed}:codeextra").shuffle(extra)
             if cfg.max_code_extra is not None:
                 extra = extra[: cfg.max_code_extra]

@@ -51,6 +51,7 @@ PRESETS = {
     },
     "tiny": {
         "corpus": dict(n_math=400, n_sql=400, n_prose=300, n_general=400, max_code_functions=250, max_code_extra=200,
+                       max_code_files=60,
                        max_pydoc_paragraphs=100, min_heldout=30),
         "vocab_size": 512,
         "target": dict(hidden=64, layers=2, ffn=128, heads=2, kv_heads=1),
@@ -145,7 +146,8 @@ def build_argparser() -> argparse.ArgumentParser:
     ap.add_argument("--max-tokens", type=int, default=None, help="target token budget")
     ap.add_argument("--draft-minutes", type=float, default=None, help="draft warm-up time budget")
     ap.add_argument("--ckpt-every", type=float, default=300.0, help="seconds between checkpoints")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: 2, --tiny: 1); on a shared 2-core box 1 is often faster")
     ap.add_argument("--no-bf16", action="store_true", help="train in float32 instead of bf16 autocast")
     ap.add_argument("--install", default=None,
                     help="copy models to DIR/models/demo/{target,draft} and streams to DIR/streams")
@@ -160,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown stage(s) {bad}; choose from {ALL_STAGES}", file=sys.stderr)
         return 2
     P = PRESETS["tiny" if args.tiny else "full"]
+    if args.threads is None:
+        args.threads = 1 if args.tiny else 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = _log_to(out / "recipe.log")
@@ -249,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"export {which}: step {meta['step']} ({meta['tokens']:,} tokens) -> {out / 'models' / which}")
 
     if "eval" in stages:
-        report["eval"] = evaluate(out, P, log=log, bf16=bf16)
+        report["eval"] = evaluate(out, P, log=log, bf16=bf16, n_samples=1 if args.tiny else 2,
+                                  gen_tokens=12 if args.tiny else 64, decode_tokens=10 if args.tiny else 40)
         _save_report(report_path, report)
 
     if args.install:
@@ -281,7 +286,8 @@ def _save_report(path: Path, report: dict) -> None:
     path.write_text(json.dumps(report, indent=2))
 
 
-def evaluate(out: Path, P: dict, log=print, bf16: bool = True, n_samples: int = 2) -> dict:
+def evaluate(out: Path, P: dict, log=print, bf16: bool = True, n_samples: int = 2, gen_tokens: int = 64,
+             decode_tokens: int = 40) -> dict:
     """Held-out loss per topic for the exported target and draft, decode ratio, greedy samples."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -300,7 +306,7 @@ def evaluate(out: Path, P: dict, log=print, bf16: bool = True, n_samples: int = 
                                                  max_tokens=P["eval_tokens"], bf16=bf16)
         log(f"{which} held-out loss: {res[f'{which}_heldout_loss']}")
     if "target" in models and "draft" in models:
-        tm, dm = decode_ms(models["target"]), decode_ms(models["draft"])
+        tm, dm = decode_ms(models["target"], n=decode_tokens), decode_ms(models["draft"], n=decode_tokens)
         res["decode_ms"] = {"target": round(tm, 3), "draft": round(dm, 3), "ratio": round(tm / dm, 2)}
         log(f"decode ms/token: {res['decode_ms']}")
     if "target" in models:
@@ -310,7 +316,7 @@ def evaluate(out: Path, P: dict, log=print, bf16: bool = True, n_samples: int = 
             for d in read_split(out / "corpus", topic, "heldout")[:n_samples]:
                 enc = tok(d["prompt"], return_tensors="pt")
                 with torch.no_grad():
-                    g = models["target"].generate(**enc, max_new_tokens=64, do_sample=False,
+                    g = models["target"].generate(**enc, max_new_tokens=gen_tokens, do_sample=False,
                                                   pad_token_id=tok.pad_token_id)
                 text = tok.decode(g[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
                 samples.append({"topic": topic, "prompt": d["prompt"], "continuation": text,
