@@ -49,12 +49,13 @@ def parse_run(spec: str) -> tuple[str, dict[str, Any]]:
     return name, opts
 
 
-def two_topics(items: list[Any], per_topic: int) -> list[Any]:
-    """First `per_topic` prompts of the stream's first topic, then of its second topic."""
-    topics: list[str] = []
-    for it in items:
-        if it.topic not in topics:
-            topics.append(it.topic)
+def two_topics(items: list[Any], per_topic: int, topics: list[str] | None = None) -> list[Any]:
+    """First `per_topic` prompts of topic A, then of topic B (default: the stream's first two)."""
+    if not topics:
+        topics = []
+        for it in items:
+            if it.topic not in topics:
+                topics.append(it.topic)
     if len(topics) < 2:
         raise SystemExit("the stream needs at least two topics for a topic change")
     a = [it for it in items if it.topic == topics[0]][:per_topic]
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draft-kind", default="lm", choices=("lm", "eagle", "hydra"))
     ap.add_argument("--tiny", action="store_true", help="tiny random pair and stream (no demo needed)")
     ap.add_argument("--stream", default="shift", help="bundled stream name or JSONL (>= 2 topics)")
+    ap.add_argument("--topics", default=None, help="A,B: the two topics to use (default: the first two)")
     ap.add_argument("--runs", default=";".join(DEFAULT_RUNS),
                     help="';'-separated runs: updater or updater:key=value,key=value")
     ap.add_argument("--k", type=int, default=4)
@@ -166,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         kw = dict(draft_kind=args.draft_kind)
         load = (lambda: osc.load_pair("demo", draft=args.draft, **kw)) if args.pair == "demo" else \
             (lambda: osc.load_pair(target=args.pair, draft=args.draft, **kw))
-        items = two_topics(osc.load_stream(args.stream), cfg.per_topic)
+        items = two_topics(osc.load_stream(args.stream), cfg.per_topic,
+                           args.topics.split(",") if args.topics else None)
         pair_name = args.pair
     results = []
     for spec in cfg.runs:

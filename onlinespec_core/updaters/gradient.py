@@ -37,8 +37,8 @@ class GradConfig:
     positions: str = "path"  # path = accepted + first rejected | all = every drafted position
     temperature: float = 1.0  # distillation temperature on both sides
     cadence: str = "rounds"  # rounds | chunk
-    every: int = 4  # rounds cadence: one step per `every` observed rounds
-    batch: int = 4  # rounds per step (the most recent ones)
+    every: int = 8  # rounds cadence: one step per `every` observed rounds (update cost ~ 1/every)
+    batch: int = 8  # rounds per step (the most recent ones)
     chunk_prompts: int = 25  # chunk cadence: train after every K prompts ...
     epochs: int = 2  # ... for E passes over the chunk
     max_grad_norm: float = 1.0  # clip the step's gradient norm (0 = off)

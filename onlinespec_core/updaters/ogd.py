@@ -14,7 +14,7 @@ from .gradient import (GradConfig, GradientUpdater, fp32_copy, load_list, load_o
 
 @dataclass
 class OGDConfig(GradConfig):
-    lr: float = 3e-3
+    lr: float = 5e-3
     optimizer: str = "adam"
 
 
