@@ -226,7 +226,7 @@ class GradientUpdater:
     """Cadence, buffer, guard and state shared by every gradient updater. Subclasses give
     init_weights() (from the draft's current weights), deployed() (fp32 values the module
     must hold), step(batch, n_new) (one update on a batch whose last n_new rounds are new
-    feedback) and optionally extra_tensors/extra_json/load_extra/on_chunk_start/on_chunk_end."""
+    feedback) and optionally extra_tensors/extra_json/load_extra/on_chunk_start/after_feedback."""
     name: ClassVar[str] = "gradient"
     Config: ClassVar[type] = GradConfig
 
@@ -292,13 +292,13 @@ class GradientUpdater:
         c = self.cfg
         self.on_chunk_start()
         changed = False
+        blocks = [rounds[s:s + c.batch] for s in range(0, len(rounds), c.batch)]  # contiguous: one forward each
         for epoch in range(c.epochs):
-            order = list(range(len(rounds)))
+            order = list(range(len(blocks)))
             if epoch > 0:  # first pass in stream order (Hedge measures before training)
                 random.Random(f"{c.seed}/{self.chunks}/{epoch}").shuffle(order)
-            for s in range(0, len(order), c.batch):
-                mb = [rounds[i] for i in order[s:s + c.batch]]
-                changed |= self._guarded_step(mb, len(mb) if epoch == 0 else 0)
+            for i in order:
+                changed |= self._guarded_step(blocks[i], len(blocks[i]) if epoch == 0 else 0)
         self.chunks += 1
         self.after_feedback()
         return changed
