@@ -118,8 +118,8 @@ def iter_code_functions(root: Path | None = None, extra: bool = False,
                 head, _, body = text.partition("\n")
                 if len(body.strip()) < 20:
                     continue
-                yield {"id": f"code:extra:{rel}:{node.lineno}:{node.name}", "prompt": head + "\n",
-                       "completion": body.rstrip() + "\n"}
+                yield {"id": f"code:extra:{rel}:{node.lineno}:{node.name}", "prompt": head,
+                       "completion": "\n" + body.rstrip() + "\n"}
                 continue
             if not isinstance(node.body[0], ast.Expr):
                 continue
@@ -136,8 +136,11 @@ def iter_code_functions(root: Path | None = None, extra: bool = False,
                 continue
             n_head = node.body[0].end_lineno - node.lineno + 1
             tlines = text.split("\n")
-            prompt = "\n".join(tlines[:n_head]) + "\n"
-            completion = "\n".join(tlines[n_head:]).rstrip() + "\n"
+            # the newline after the docstring goes to the completion: byte-level BPE merges
+            # "\n" with the next line's indentation, so a prompt ending in "\n" would end on a
+            # token the model never sees before a body (it would predict <eos>)
+            prompt = "\n".join(tlines[:n_head])
+            completion = "\n" + "\n".join(tlines[n_head:]).rstrip() + "\n"
             if len(completion.strip()) < 20:
                 continue
             yield {"id": f"code:{rel}:{node.lineno}:{node.name}", "prompt": prompt,
