@@ -19,7 +19,7 @@ from .worker import EngineWorker
 
 HEARTBEAT_MS = 20  # UI-stall probe: a tick later than this is a stall of the UI thread
 TOKENS_MS = 50  # token view flush period
-PLOTS_MS = 250  # plot refresh period
+PLOTS_MS = 250  # plot refresh period (half the plots per tick: each updates at 2 Hz)
 
 
 class MainWindow(QMainWindow):
@@ -40,6 +40,7 @@ class MainWindow(QMainWindow):
         self.errors: list[str] = []
         self._pending_tokens: dict[int, list] = {}
         self._plots_dirty = False
+        self._plot_group = 0
         self._closing = False
 
         # views
@@ -231,7 +232,8 @@ class MainWindow(QMainWindow):
         return self.log.write_json(path) if str(path).endswith(".json") else self.log.write_csv(path)
 
     # ---- worker events -----------------------------------------------------------------
-    def _reset_views(self, names: list[str]) -> None:
+    def _reset_views(self, names: list[str], shared: bool = False) -> None:
+        self._shared = shared
         self.token_tabs.clear()
         self.token_views = []
         for n in names:
@@ -239,7 +241,7 @@ class MainWindow(QMainWindow):
             self.token_views.append(tv)
             self.token_tabs.addTab(tv, f"Tokens \u2014 {n}")
         self.token_tabs.tabBar().setVisible(len(names) > 1)
-        self.plots.reset(names)
+        self.plots.reset(names, shared)
         self.log.reset(names)
         self._pending_tokens = {i: [] for i in range(len(names))}
 
@@ -247,7 +249,7 @@ class MainWindow(QMainWindow):
         for ev in evs:
             self.kinds_seen.append(ev.kind)
             if ev.kind == "run":
-                self._reset_views(ev.data["names"])
+                self._reset_views(ev.data["names"], ev.data.get("shared", False))
                 self.rounds_seen = 0
                 self.outputs = {}
                 continue
@@ -276,15 +278,21 @@ class MainWindow(QMainWindow):
                 self._pending_tokens[i] = []
 
     def refresh_plots(self, force: bool = False) -> None:
-        if not (self._plots_dirty or force):
+        if force:
+            self._plots_dirty, self._plot_group = False, 0
+            self.plots.refresh(self.log)
+        elif self._plots_dirty or self._plot_group == 1:
+            self._plots_dirty = False
+            self.plots.refresh(self.log, self._plot_group)
+            self._plot_group = 1 - self._plot_group
+        else:
             return
-        self._plots_dirty = False
-        self.plots.refresh(self.log)
         parts = []
-        for s in self.log.series:
+        for i, s in enumerate(self.log.series):
             up = self.log.speedup(s)
+            note = " (target replayed)" if self._shared and i > 0 else ""
             parts.append(f"{s.name}: {s.rounds} rounds, {s.tokens} tok, \u03c4 {s.mean_tau:.2f}, "
-                         f"{s.tokens_per_s:.0f} tok/s" + (f", {up:.2f}\u00d7" if up else ""))
+                         f"{s.tokens_per_s:.0f} tok/s" + (f", {up:.2f}\u00d7" if up else "") + note)
         self.stats_label.setText("   |   ".join(parts))
 
     def _on_message(self, text: str) -> None:

@@ -223,8 +223,9 @@ class EngineWorker(QObject):
             runner, self.engines, names = eng, [eng], [eng.updater_name]
             events = ((0, ev) for ev in eng.run_stream(items, spec.max_new_tokens))
         self.runner, self.engine = runner, self.engines[0]
+        shared = bool(spec.compare) and spec.share_target and spec.temperature == 0.0
         self._emit([UiEvent("run", -1, {"names": names, "n_prompts": len(items),
-                                        "greedy": spec.temperature == 0.0})])
+                                        "greedy": spec.temperature == 0.0, "shared": shared})])
         if spec.baseline and pair.draft is not None:
             self._baseline(pair, items[0], spec)
         if self._stopping:

@@ -14,7 +14,7 @@ from PySide6.QtWidgets import QVBoxLayout, QWidget
 
 from ..records import RunLog
 
-pg.setConfigOptions(background="w", foreground="k", antialias=True)
+pg.setConfigOptions(background="w", foreground="k", antialias=False)  # curves opt in
 
 CONFIG_COLORS = ["#0072B2", "#E69F00", "#CC79A7"]  # Okabe-Ito: blue, orange, reddish purple
 EXPERT_COLORS = ["#56B4E9", "#009E73", "#F0E442", "#D55E00", "#CC79A7", "#999999"]
@@ -41,6 +41,8 @@ class PlotsView(QWidget):
         self.p_speed = self._plot(1, 1, "Throughput (rolling)", "tokens/s")
         self.p_up = self._plot(1, 2, "Speedup vs target-only", "\u00d7")
         self.p_pos.setYRange(0, 1.05)
+        for p in (self.p_w, self.p_loss, self.p_speed, self.p_up):
+            p.setXLink(self.p_tau)  # one token axis for every time plot
         self.p_w.setYRange(0, 1.0)
         g.ci.layout.setSpacing(4)
         self._topic_items: list = []
@@ -53,13 +55,15 @@ class PlotsView(QWidget):
         p = self.glw.addPlot(row=row, col=col, title=f"<span style='font-size:10pt'>{title}</span>")
         p.setLabel("left", y)
         p.setLabel("bottom", x)
-        p.showGrid(x=True, y=True, alpha=0.25)
+        p.showGrid(x=False, y=False)
         p.setMenuEnabled(False)
         p.getAxis("left").enableAutoSIPrefix(False)
         p.getAxis("bottom").enableAutoSIPrefix(False)
         return p
 
-    def reset(self, names: list[str]) -> None:
+    def reset(self, names: list[str], shared: bool = False) -> None:
+        """shared: configs after the first replay the target's recorded pass (compare mode), so
+        their tokens/s leaves most target time out: their speed curves say so and are dashed."""
         for p in (self.p_tau, self.p_pos, self.p_w, self.p_loss, self.p_speed, self.p_up):
             p.clear()
             if p.legend is not None:
@@ -70,18 +74,22 @@ class PlotsView(QWidget):
         self._n_topics = self._n_switches = 0
         self._baseline_line = None
         self._w_k = 0
+        self._xlim = 0.0
         leg = dict(offset=(-4, 4), labelTextSize="8pt", brush=pg.mkBrush(255, 255, 255, 200))
         for p in (self.p_pos, self.p_loss, self.p_speed, self.p_up):
             p.addLegend(**leg)
-        self.p_tau.addLegend(**{**leg, "offset": (4, 4)})  # tau climbs to the right: legend top-left
+        self.p_tau.addLegend(**{**leg, "offset": (-4, -4)})  # tau climbs: legend bottom-right
         self.c_tau, self.c_loss, self.c_speed, self.c_up, self.bars = [], [], [], [], []
         for i, n in enumerate(self.names):
             col = CONFIG_COLORS[i % len(CONFIG_COLORS)]
             pen = pg.mkPen(col, width=2)
             self.c_tau.append(self._curve(self.p_tau, pen, n))
             self.c_loss.append(self._curve(self.p_loss, pen, n))
-            self.c_speed.append(self._curve(self.p_speed, pen, n))
-            self.c_up.append(self._curve(self.p_up, pen, n))
+            replay = shared and i > 0
+            spen = pg.mkPen(col, width=2, style=Qt.PenStyle.DashLine) if replay else pen
+            sname = f"{n} (target replayed)" if replay else n
+            self.c_speed.append(self._curve(self.p_speed, spen, sname))
+            self.c_up.append(self._curve(self.p_up, spen, sname))
             bars = pg.BarGraphItem(x=[], height=[], width=0.8 / len(self.names), brush=col, name=n)
             self.p_pos.addItem(bars)
             self.bars.append(bars)
@@ -89,28 +97,40 @@ class PlotsView(QWidget):
         self.p_up.addItem(one)
 
     def _curve(self, plot: pg.PlotItem, pen, name: str) -> pg.PlotDataItem:
-        c = plot.plot([], [], pen=pen, name=name, connect="finite")
+        c = plot.plot([], [], pen=pen, name=name, connect="finite", antialias=True)
         c.setDownsampling(auto=True, method="peak")
         c.setClipToView(True)
         return c
 
     # ---- refresh from the run log (the window calls this at a few Hz) --------------------
-    def refresh(self, log: RunLog) -> None:
+    def refresh(self, log: RunLog, group: int | None = None) -> None:
+        """Update the curves. group 0 = tau/position/weights, 1 = loss/speed/speedup, None =
+        all: the window alternates groups so each repaint covers half the plots."""
+        top, bottom = group in (None, 0), group in (None, 1)
+        xmax = max((s.tokens for s in log.series), default=0)
         for i, s in enumerate(log.series[: len(self.names)]):
             x = s.x.view()
-            self.c_tau[i].setData(x, s.tau.view())
-            self.c_loss[i].setData(x, s.loss.view())
-            self.c_speed[i].setData(x, s.tok_s.view())
-            if log.baseline_tok_s:
-                self.c_up[i].setData(x, s.tok_s.view() / log.baseline_tok_s)
-            acc = s.per_position
-            if acc:
-                n = len(self.names)
-                off = (i - (n - 1) / 2) * 0.8 / n
-                self.bars[i].setOpts(x=np.arange(1, len(acc) + 1) + off, height=acc)
-        self._topics(log)
-        self._switches(log)
-        self._weights(log)
+            if top:
+                self.c_tau[i].setData(x, s.tau.view())
+                acc = s.per_position
+                if acc:
+                    n = len(self.names)
+                    off = (i - (n - 1) / 2) * 0.8 / n
+                    self.bars[i].setOpts(x=np.arange(1, len(acc) + 1) + off, height=acc)
+            if bottom:
+                self.c_loss[i].setData(x, s.loss.view())
+                self.c_speed[i].setData(x, s.tok_s.view())
+                if log.baseline_tok_s:
+                    self.c_up[i].setData(x, s.tok_s.view() / log.baseline_tok_s)
+        if xmax > self._xlim:  # x in steps (x1.5): axes repaint rarely; linked plots follow
+            self._xlim = max(16.0, xmax * 1.5)
+            self.p_tau.setXRange(0, self._xlim, padding=0.02)
+        if top:
+            self._topics(log)
+            self._switches(log)
+            self._weights(log)
+        elif bottom:
+            self._topics(log)
         if log.baseline_tok_s and self._baseline_line is None:
             pen = pg.mkPen("#444444", width=1.5, style=Qt.PenStyle.DashLine)
             self._baseline_line = pg.InfiniteLine(pos=log.baseline_tok_s, angle=0, pen=pen)
@@ -135,7 +155,7 @@ class PlotsView(QWidget):
                 r.setZValue(-100)
                 p.addItem(r)
                 items.append(r)
-            label = pg.TextItem(t, color="#555555", anchor=(0, 1))
+            label = pg.TextItem(t, color="#555555", anchor=(0, 0))
             label.setZValue(-50)
             self.p_tau.addItem(label, ignoreBounds=True)
             items.append(label)
@@ -145,9 +165,9 @@ class PlotsView(QWidget):
             items, x0 = self._topic_items[-1]
             for r in items[:2]:
                 r.setRegion((x0, max(end, x0 + 1)))
-        ybottom = self.p_tau.viewRange()[1][0]
+        ytop = self.p_tau.viewRange()[1][1]
         for items, x0 in self._topic_items:
-            items[2].setPos(x0, ybottom)
+            items[2].setPos(x0, ytop)
 
     def _switches(self, log: RunLog) -> None:
         for x, a, b in log.switches[self._n_switches:]:
