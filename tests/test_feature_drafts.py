@@ -321,3 +321,15 @@ def test_train_logits_without_the_proposal_record(pair_dirs, kind):
             logits = pair.draft.train_logits(r)
             torch.testing.assert_close(logits.detach(), r.draft_logits, atol=1e-3, rtol=1e-3)
             assert logits.requires_grad
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shipped_demo_heads_load_and_stay_lossless(kind):
+    from onlinespec_core.models import DEMO_DIR
+    if not (DEMO_DIR / kind / "draft_config.json").is_file() or not (DEMO_DIR / "target").is_dir():
+        pytest.skip(f"no shipped demo {kind} head")
+    pair = osc.load_pair("demo", draft_kind=kind)
+    assert pair.draft.kind == kind
+    pair.target.generation_config.eos_token_id = None
+    ids = pair.tokenizer("The weather on Saturday will be")["input_ids"]
+    assert osc.Engine(pair, k=4).generate(ids, max_new_tokens=16).token_ids == hf_greedy(pair.target, ids, 16)

@@ -66,7 +66,7 @@ class Readout:
 
     def logits(self, feat: torch.Tensor) -> torch.Tensor:
         """[..., H] predicted features -> [..., V] fp32 logits (norm only when features are pre-norm)."""
-        x = feat.to(self.dtype)
+        x = feat.to(self.lm_head.weight.device, self.dtype)
         if self.norm is not None:
             x = self.norm(x)
         return pad_vocab(self.lm_head(x).float(), self.vocab_size)
@@ -147,7 +147,7 @@ class FeatureSeq:
             new[:start] = self.buf[:start]
             self.buf = new
         with torch.inference_mode(self.buf.is_inference()):  # write in the buffer's own mode
-            self.buf[start:end] = hidden.to(self.buf.dtype)
+            self.buf[start:end] = hidden.to(self.buf.device, self.buf.dtype)
         self.n = end
 
     def view(self, n: int | None = None) -> torch.Tensor:
