@@ -27,6 +27,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="screenshot mode: compare with these updaters (up to two)")
     p.add_argument("--k", type=int)
     p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--shift-every", type=int, default=0, metavar="N",
+                   help="screenshot mode: press 'Shift topic' every N rounds (shows topic changes)")
     p.add_argument("--timeout", type=float, default=300.0, help="screenshot mode: give up after seconds")
     return p.parse_args(argv)
 
@@ -96,10 +98,13 @@ def screenshot(app, win, args: argparse.Namespace) -> int:
     """Start the default run, grab the window after N rounds, exit 0 (1: timeout, 2: error)."""
     from PySide6.QtCore import QEventLoop, QTimer
 
-    result = {"rc": None}
+    result = {"rc": None, "shifted": 0}
     loop = QEventLoop()
 
     def check() -> None:
+        if args.shift_every and win.rounds_seen >= (result["shifted"] + 1) * args.shift_every:
+            result["shifted"] += 1
+            win.shift_topic()
         if win.errors:
             print(f"error: {win.errors[-1]}", file=sys.stderr)
             result["rc"] = 2

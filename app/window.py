@@ -291,9 +291,11 @@ class MainWindow(QMainWindow):
         for i, s in enumerate(self.log.series):
             up = self.log.speedup(s)
             note = " (target replayed)" if self._shared and i > 0 else ""
-            parts.append(f"{s.name}: {s.rounds} rounds, {s.tokens} tok, \u03c4 {s.mean_tau:.2f}, "
-                         f"{s.tokens_per_s:.0f} tok/s" + (f", {up:.2f}\u00d7" if up else "") + note)
+            parts.append(f"{s.name}: \u03c4 {s.mean_tau:.2f}, {s.tokens} tok, {s.tokens_per_s:.0f} tok/s"
+                         + (f", {up:.2f}\u00d7" if up else "") + ("*" if note else ""))
         self.stats_label.setText("   |   ".join(parts))
+        self.stats_label.setToolTip("* target replayed (compare mode): tokens/s leaves out most "
+                                    "target time" if self._shared else "")
 
     def _on_message(self, text: str) -> None:
         self.statusBar().showMessage(text, 8000)

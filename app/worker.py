@@ -245,9 +245,11 @@ class EngineWorker(QObject):
         """Target-only tokens/s on the first prompt, in this process, for the speedup."""
         eng = osc.Engine(pair, k=1, temperature=spec.temperature, top_k=spec.top_k,
                          top_p=spec.top_p, seed=spec.seed)
-        self.runner = eng
-        out = eng.generate_target_only(item.prompt, spec.max_new_tokens)
-        self.runner = None
+        runner, self.runner = self.runner, eng  # Stop reaches the baseline while it runs
+        try:
+            out = eng.generate_target_only(item.prompt, spec.max_new_tokens)
+        finally:
+            self.runner = runner
         tps = out.stats.get("tokens_per_s", 0.0)
         self._emit([UiEvent("baseline", -1, {"tokens_per_s": tps, "tokens": len(out.token_ids)})])
         self.message.emit(f"target-only baseline: {tps:.1f} tokens/s")

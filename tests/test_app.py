@@ -139,6 +139,18 @@ def test_shift_topic_jumps_to_next_topic(qtbot, win):
     assert [t for _, t in win.log.topics][:2] == ["code", "sql"]
 
 
+def test_controls_work_after_the_baseline(qtbot, win):
+    win.setup.baseline.setChecked(True)
+    win.setup.max_new.setValue(400)
+    win.start()
+    qtbot.waitUntil(lambda: win.rounds_seen >= 2, timeout=WAIT)
+    assert win.log.baseline_tok_s and win.log.baseline_tok_s > 0
+    win.shift_topic()
+    win.stop()
+    qtbot.waitUntil(lambda: win.state == "idle", timeout=WAIT)
+    assert "stopped" in win.kinds_seen and {p for _, p in win.outputs} == {0}
+
+
 def test_close_mid_run_shuts_down(qtbot, win):
     win.setup.max_new.setValue(2000)
     win.start()

@@ -10,7 +10,7 @@ import numpy as np
 import pyqtgraph as pg
 from pyqtgraph.exporters import ImageExporter
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import QVBoxLayout, QWidget
+from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget
 
 from ..records import RunLog
 
@@ -30,9 +30,15 @@ class PlotsView(QWidget):
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.glw = pg.GraphicsLayoutWidget(self)
+        self.legend = QLabel(self)
+        self.legend.setObjectName("plot_legend")
+        self.legend.setStyleSheet("background: white; padding: 2px 6px;")
+        self.legend.setWordWrap(True)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
-        lay.addWidget(self.glw)
+        lay.setSpacing(0)
+        lay.addWidget(self.legend)
+        lay.addWidget(self.glw, 1)
         g = self.glw
         self.p_tau = self._plot(0, 0, "Rolling acceptance length \u03c4", "\u03c4")
         self.p_pos = self._plot(0, 1, "Acceptance by draft position", "rate", x="position i")
@@ -75,10 +81,18 @@ class PlotsView(QWidget):
         self._baseline_line = None
         self._w_k = 0
         self._xlim = 0.0
-        leg = dict(offset=(-4, 4), labelTextSize="8pt", brush=pg.mkBrush(255, 255, 255, 200))
-        for p in (self.p_pos, self.p_loss, self.p_speed, self.p_up):
-            p.addLegend(**leg)
-        self.p_tau.addLegend(**{**leg, "offset": (-4, -4)})  # tau climbs: legend bottom-right
+        keys = []  # one legend for all plots, above them: nothing covers a curve
+        for i, n in enumerate(self.names):
+            col = CONFIG_COLORS[i % len(CONFIG_COLORS)]
+            dashed = shared and i > 0
+            keys.append(f"<span style='color:{col}; font-weight:bold'>"
+                        f"{'‒ ‒' if dashed else '━━'}</span>&nbsp;{_html(n)}"
+                        + (" <i>(target replayed)</i>" if dashed else ""))
+        keys.append("<span style='color:#444444'>- - -</span>&nbsp;target-only / 1×")
+        self.legend.setText("&nbsp;&nbsp;&nbsp;".join(keys))
+        self.legend.setToolTip("Dashed speed curves: in compare mode these configurations replay the "
+                               "target's recorded greedy pass, so their tokens/s leaves out most "
+                               "target time; tau, acceptance and loss are exact." if shared else "")
         self.c_tau, self.c_loss, self.c_speed, self.c_up, self.bars = [], [], [], [], []
         for i, n in enumerate(self.names):
             col = CONFIG_COLORS[i % len(CONFIG_COLORS)]
@@ -133,10 +147,11 @@ class PlotsView(QWidget):
             self._topics(log)
         if log.baseline_tok_s and self._baseline_line is None:
             pen = pg.mkPen("#444444", width=1.5, style=Qt.PenStyle.DashLine)
-            self._baseline_line = pg.InfiniteLine(pos=log.baseline_tok_s, angle=0, pen=pen)
+            self._baseline_line = pg.InfiniteLine(
+                pos=log.baseline_tok_s, angle=0, pen=pen, label=f"target-only {log.baseline_tok_s:.0f} tok/s",
+                labelOpts={"position": 0.98, "color": "#444444", "anchors": [(1, 0), (1, 0)],
+                           "fill": (255, 255, 255, 180)})
             self.p_speed.addItem(self._baseline_line)
-            key = pg.PlotDataItem([], [], pen=pen)  # legend entry for the baseline line
-            self.p_speed.legend.addItem(key, f"target-only ({log.baseline_tok_s:.0f})")
 
     def _topics(self, log: RunLog) -> None:
         """Shade each topic's span in the tau and loss plots; label it at the top."""
@@ -165,9 +180,9 @@ class PlotsView(QWidget):
             items, x0 = self._topic_items[-1]
             for r in items[:2]:
                 r.setRegion((x0, max(end, x0 + 1)))
-        ytop = self.p_tau.viewRange()[1][1]
-        for items, x0 in self._topic_items:
-            items[2].setPos(x0, ytop)
+        (y0, y1) = self.p_tau.viewRange()[1]
+        for j, (items, x0) in enumerate(self._topic_items):  # alternate rows: short spans never collide
+            items[2].setPos(x0, y1 - (j % 2) * 0.13 * (y1 - y0))
 
     def _switches(self, log: RunLog) -> None:
         for x, a, b in log.switches[self._n_switches:]:
@@ -220,6 +235,10 @@ class PlotsView(QWidget):
         ex.parameters()["width"] = width
         ex.export(str(path))
         return Path(path)
+
+
+def _html(s: str) -> str:
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def finite(v: float | None) -> bool:
