@@ -266,7 +266,8 @@ def run_bench(pair, items, cfg: BenchConfig, log: Callable[[str], None] = print)
                 bar.update(1)
         bar.set_postfix(rep=rep + 1)
     bar.close()
-    bk = measure_bookkeeping(pair, prompts[: cfg.bookkeeping_prompts], cfg)
+    longest = sorted(range(len(prompts)), key=lambda i: -len(results[AR][0][i].token_ids))  # no EOS-at-once prompts
+    bk = measure_bookkeeping(pair, [prompts[i] for i in sorted(longest[: cfg.bookkeeping_prompts])], cfg)
     runs = summarize(results, names, cfg, cost.get("c"))
     machine["loadavg_end"] = machine_info()["loadavg"]
     return {"runs": runs, "machine": machine, "cost": cost, "bookkeeping_target_as_draft": bk,
