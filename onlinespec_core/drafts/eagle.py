@@ -32,7 +32,7 @@ class EagleConfig:
     ce_weight: float = 0.1  # loss = SmoothL1(features) + ce_weight * soft CE(tokens)
     feature_noise: float = 0.0  # warm-up only: f + U(-a, a) * rms(f) on the input features
     train_window: int = 512  # real positions re-read by train_logits (exact when context <= this)
-    max_records: int = 4096  # proposals remembered for train_logits (rounds an updater may buffer)
+    max_records: int = 1024  # proposals remembered for train_logits (older ones: re-read the tail)
     seed: int = 0  # fresh initialisation
 
 
@@ -211,6 +211,9 @@ class EagleDraft:
                                       "head": asdict(self.cfg)}, dtype)
 
 
+RUNTIME = {"train_window", "max_records"}
+
+
 def subset(n: int, k: int | None, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """Indices of k random rows out of n (all rows when k is None or >= n)."""
     if k is None or k >= n:
@@ -223,7 +226,8 @@ def _config(kind: str, cls: type, saved: dict[str, Any], kw: dict[str, Any]):
     bad = sorted(set(kw) - names)
     if bad:
         raise OnlineSpecError(f"unknown {kind} draft option(s) {bad}; valid: {', '.join(sorted(names))}")
-    return cls(**{**{k: v for k, v in saved.items() if k in names}, **kw})
+    keep = names - RUNTIME  # a saved head fixes its architecture, not these runtime knobs
+    return cls(**{**{k: v for k, v in saved.items() if k in keep}, **kw})
 
 
 def build_module(cls: type, target: PreTrainedModel, cfg: Any, device: Any, dtype: Any,

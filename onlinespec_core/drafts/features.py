@@ -173,7 +173,7 @@ class Record:
 class RecordBook:
     """Bounded map (context_len, drafted) -> records; the context tail disambiguates."""
 
-    def __init__(self, max_records: int = 4096) -> None:
+    def __init__(self, max_records: int = 1024) -> None:
         self.max_records = max_records
         self.book: OrderedDict[tuple, list[Record]] = OrderedDict()
         self.count = 0

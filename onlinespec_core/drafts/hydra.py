@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
+from ..errors import OnlineSpecError
 from ..feedback import Round
 from ..sampling import SamplingConfig, logits_to_probs, sample
 from .base import Proposal, crop_cache
@@ -32,7 +33,7 @@ class HydraConfig:
     n_layers: int = 1  # residual SiLU blocks per head after its input projection
     prefix: bool = False  # one decoder layer of the target's family over the features first
     train_window: int = 512  # features re-read by train_logits when prefix=True
-    max_records: int = 4096
+    max_records: int = 1024  # proposals remembered for train_logits (older ones: re-read the tail)
     seed: int = 0
 
 
@@ -215,7 +216,6 @@ def load_hydra_draft(target: PreTrainedModel, source: Any, tokenizer: Any, devic
         saved = info.get("head", {})
     cfg = _config("hydra", HydraConfig, saved, kw)
     if cfg.n_heads < 1:
-        from ..errors import OnlineSpecError
         raise OnlineSpecError(f"n_heads must be >= 1, got {cfg.n_heads}")
     module = build_module(HydraHeads, target, cfg, device, dtype, trust_remote_code)
     if source is not None:
