@@ -379,7 +379,7 @@ def summarize(results: dict[str, list[list[PromptResult]]], names: list[str], cf
         after = [_totals(results[n][r], skip_topic=first).tau for r in reps]
         if len(topics) > 1:
             run["tau_after_shift"] = statistics.mean(after)
-            if frozen_after:
+            if frozen_after and n not in (AR, HF_AR):
                 run["tau_after_shift_vs_frozen"] = run["tau_after_shift"] / frozen_after
         run["per_topic"] = {
             tp: {"tau": statistics.mean(_totals(results[n][r], tp).tau for r in reps),
