@@ -8,16 +8,17 @@ real forward first) and replayed through Engine(verify_fn=...) for the others:
 
 A round at length L with drafted x_1..x_k needs rows L..L+k conditioned on seq[:L] + x_<i.
 Row L+i lies on the greedy path iff x_1..x_i equal the greedy tokens there. When every needed
-row is on the path (or, for configurations that do not learn, every row up to the first
-mismatch: later rows never change the output) the round is replayed; otherwise one real target
-forward runs (it catches up the lagging KV cache) and its on-path rows extend the trace.
+row is on the path -- or every row up to the first mismatch, for configurations whose updater
+reads no row past it (frozen; distillation on the greedy path): later rows never change the
+output -- the round is replayed; otherwise one real target forward runs (it catches up the
+lagging KV cache) and its on-path rows extend the trace.
 Sampling (temperature > 0) never shares: each configuration samples its own sequence.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -117,7 +118,8 @@ class SharedGreedyTarget:
     def __init__(self, n_configs: int) -> None:
         self.trace: GreedyTrace | None = None
         self.stats = ShareStats([0] * n_configs, [0] * n_configs)
-        self.exact: list[bool] = [True] * n_configs  # does config i learn from every row?
+        self.exact: list[bool] = [True] * n_configs  # does config i read rows off the path?
+        self.exact_of: list[Callable[[], bool] | None] = [None] * n_configs  # live (updater switch)
 
     def verify_fn(self, index: int):
         def fn(target, state: DecodeState, drafted: torch.Tensor, cfg: SamplingConfig,
@@ -135,7 +137,9 @@ class SharedGreedyTarget:
             if self.trace is None or not torch.equal(self.trace.prompt, prompt):
                 self.trace = GreedyTrace(prompt)  # a new prompt: start a new trace
         if self.trace.matches(state):
-            ver = self.trace.replay(state, drafted, cfg, need_hidden, self.exact[index])
+            fn = self.exact_of[index]
+            exact = fn() if fn is not None else self.exact[index]
+            ver = self.trace.replay(state, drafted, cfg, need_hidden, exact)
             if ver is not None:
                 self.stats.replayed[index] += 1
                 return ver
@@ -158,8 +162,19 @@ def clone_draft(draft: Any, target: torch.nn.Module) -> Any:
     return out
 
 
-def learns(engine: Engine) -> bool:
-    return bool(getattr(engine.updater, "needs_feedback", engine.updater_name != "frozen"))
+def needs_offpath_rows(engine: Engine) -> bool:
+    """Does this engine's updater read target rows past the first rejection? (Those rows are
+    conditioned on rejected draft tokens, so only a real forward has them.) An updater may say
+    so itself (needs_feedback); frozen reads none; distillation on positions="path" (accepted +
+    first rejected) reads only greedy-path rows; feature drafts keep every hidden row: exact."""
+    u = engine.updater
+    if hasattr(u, "needs_feedback"):
+        return bool(u.needs_feedback)
+    if engine.updater_name == "frozen":
+        return False
+    if engine.draft is not None and engine.draft.needs_hidden:
+        return True
+    return getattr(getattr(u, "cfg", None), "positions", "all") != "path"
 
 
 class CompareRunner:
@@ -177,9 +192,12 @@ class CompareRunner:
         for i, c in enumerate(configs):
             p = replace(pair, draft=clone_draft(pair.draft, pair.target))
             fn = self.shared.verify_fn(i) if self.shared else None
-            self.engines.append(Engine(p, k=c.k, temperature=temperature, top_k=top_k, top_p=top_p,
-                                       seed=seed, updater=c.updater, updater_options=c.updater_options,
-                                       verify_fn=fn, dynamic_k=c.dynamic_k, **engine_config))
+            eng = Engine(p, k=c.k, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                         updater=c.updater, updater_options=c.updater_options, verify_fn=fn,
+                         dynamic_k=c.dynamic_k, **engine_config)
+            if self.shared:
+                self.shared.exact_of[i] = lambda e=eng: needs_offpath_rows(e)
+            self.engines.append(eng)
         self.active = 0
         self._stop = self._shift = False
 
@@ -216,8 +234,6 @@ class CompareRunner:
                 if self._stop:
                     break
                 self.active = ci
-                if self.shared:
-                    self.shared.exact[ci] = learns(eng)
                 for ev in eng.stream(prompt, max_new_tokens, topic=topic, prompt_index=i):
                     yield ci, ev
             if self._shift and not self._stop:

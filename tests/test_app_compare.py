@@ -66,6 +66,24 @@ def test_exact_feedback_replays_the_real_logits(llama_pair):
         torch.testing.assert_close(a.target_logits, b.target_logits, atol=1e-4, rtol=1e-4)
 
 
+def test_path_distillation_learns_the_same_from_replayed_rows(llama_pair):
+    """ogd distils on the greedy path (accepted + first rejected): replayed rows are enough,
+    and the online loss and acceptance match a run with its own target forwards."""
+    cfgs = [CompareConfig("lead", k=2), CompareConfig("ogd", "ogd", {"lr": 1e-2, "every": 1, "batch": 1}, k=3)]
+    shared = CompareRunner(llama_pair, cfgs)
+    outs, rounds = collect(shared)
+    plain_outs, plain_rounds = collect(CompareRunner(llama_pair, cfgs, share_target=False))
+    assert outs == plain_outs
+    assert shared.shared.stats.forwards[1] == 0  # every ogd round was replayed
+    a, b = rounds[1], plain_rounds[1]
+    assert [r.accepted for r in a] == [r.accepted for r in b]
+    assert any(r.updated for r in a)
+    la = [r.loss for r in a if r.loss is not None]
+    lb = [r.loss for r in b if r.loss is not None]
+    assert la and len(la) == len(lb)
+    torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), atol=1e-3, rtol=1e-3)
+
+
 def test_sampling_never_shares_and_controls(llama_pair):
     runner = CompareRunner(llama_pair, CONFIGS[:2], temperature=1.0, seed=3)
     outs, _ = collect(runner)
