@@ -7,9 +7,10 @@ import torch
 
 import onlinespec_core as osc
 
-LEARNERS = [("ogd", {}), ("optimistic", {}), ("optimistic", {"form": "momentum"}),
-            ("ensemble", {}), ("dpo", {}), ("dpo", {"mode": "sft"}),
-            ("ogd", {"cadence": "chunk", "chunk_prompts": 1, "epochs": 2})]
+# step sizes for a randomly initialised draft (the defaults suit a pretrained one)
+LEARNERS = [("ogd", {"lr": 5e-3}), ("optimistic", {"lr": 0.2}), ("optimistic", {"form": "momentum"}),
+            ("ensemble", {"lr": 1e-3}), ("dpo", {"lr": 1e-2}), ("dpo", {"mode": "sft", "lr": 1e-2}),
+            ("ogd", {"cadence": "chunk", "chunk_prompts": 1, "epochs": 2, "lr": 5e-3})]
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from .losses import dpo_loss, preference_pair, sft_loss
 class DPOConfig(GradConfig):
     mode: str = "dpo"  # dpo | sft
     beta: float = 0.1
-    lr: float = 1e-2
+    lr: float = 1e-3
     optimizer: str = "adam"
     ref_every: int = 32  # rounds cadence: refresh the reference every N observed rounds
 

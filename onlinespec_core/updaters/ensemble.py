@@ -27,7 +27,7 @@ HEDGE_MODES = ("cumulative", "discounted", "last")
 
 @dataclass
 class EnsembleConfig(GradConfig):
-    lr: float = 1e-3  # smallest step size of the grid
+    lr: float = 3e-4  # smallest step size of the grid: 3e-4, 9e-4, 2.7e-3
     optimizer: str = "adam"
     n_experts: int = 3
     ratio: float = 3.0  # geometric grid: lr * ratio^i

@@ -22,13 +22,13 @@ from .gradient import (GradConfig, GradientUpdater, fp32_copy, load_list, load_o
 @dataclass
 class OptimisticConfig(GradConfig):
     form: str = "paper"  # paper (two-state optimistic OGD) | momentum (released code)
-    lr: float | None = None  # default: 0.2 (paper form), 0.1 (momentum form, as released)
+    lr: float | None = None  # default: 0.05 (paper form), 0.1 (momentum form, as released)
     optimizer: str = "sgd"
     momentum: float = 0.9  # form="momentum" only
 
     def __post_init__(self) -> None:
         if self.lr is None:
-            self.lr = 0.1 if self.form == "momentum" else 0.2
+            self.lr = 0.1 if self.form == "momentum" else 0.05
 
     def validate(self, name: str) -> None:
         super().validate(name)
