@@ -116,13 +116,13 @@ def weights_png(path: str | Path, rounds: Sequence[int], weights: Sequence[Seque
     plot.setLabel("bottom", "round")
     plot.setLabel("left", "weight")
     plot.showGrid(x=True, y=True, alpha=0.2)
-    legend = plot.addLegend(offset=(-10, 30))
-    _bands(pg, plot, topics, 1.05)
+    legend = plot.addLegend(offset=(-10, 5), colCount=3)  # one row, in the headroom above 1.0
+    _bands(pg, plot, topics, 1.08)
     n = len(weights[0]) if weights else 0
     for i in range(n):
         plot.plot(list(rounds), [w[i] for w in weights], pen=pg.mkPen(LINE_COLOURS[i % len(LINE_COLOURS)], width=2),
                   name=labels[i] if i < len(labels) else f"expert {i}")
     legend.setZValue(10)
-    plot.setYRange(0.0, 1.12)
+    plot.setYRange(0.0, 1.2)
     plot.setXRange(-0.5, max(len(topics) - 0.5, 0.5), padding=0)
     return _export(pg, app, win, Path(path), size[0])
