@@ -109,6 +109,8 @@ class PlotsView(QWidget):
             self.bars.append(bars)
         one = pg.InfiniteLine(pos=1.0, angle=0, pen=pg.mkPen("#777777", style=Qt.PenStyle.DashLine))
         self.p_up.addItem(one)
+        self.p_w.setTitle("<span style='font-size:10pt'>Ensemble weights (stacked)</span> "
+                          "<span style='font-size:8pt; color:#777777'>&mdash; ensemble updater only</span>")
 
     def _curve(self, plot: pg.PlotItem, pen, name: str) -> pg.PlotDataItem:
         c = plot.plot([], [], pen=pen, name=name, connect="finite", antialias=True)
