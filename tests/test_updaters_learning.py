@@ -67,8 +67,8 @@ def run_prompts(eng, prompts):
 
 @pytest.mark.parametrize("name,opts,temperature", RESTORE, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(RESTORE)])
 def test_save_load_mid_run_continues_exactly(far_pair_dirs, tmp_path, name, opts, temperature):
-    first = ["def add(a, b):", "Tom has 3 apples", "SELECT name FROM users"]
-    rest = ["def add(a, b):", "The licensee shall", "Tom has 3 apples"]
+    first = ["def add(a, b):", "Tom has 3 apples"]  # chunk cadence: saved with a full buffer
+    rest = ["def add(a, b):", "The licensee shall"]
     pair = osc.load_pair(target=far_pair_dirs[0], draft=far_pair_dirs[1])
     a = osc.Engine(pair, k=3, temperature=temperature, seed=5, updater=name, updater_options=opts)
     run_prompts(a, first)
