@@ -15,15 +15,18 @@ Output layout under ``--out``: corpus/, tokenizer/, data/, target_work/ckpt, dra
 models/target, models/draft, streams/, report.json. ``--install DIR`` copies models to
 DIR/models/demo/{target,draft} and the streams to DIR/streams (DIR = the repo's assets/).
 
-Run time on the 2-core CPU dev box (torch 2.13, bf16 autocast, 2 threads):
-  corpus + tokenizer + data: ~1.5 min; target: ~2.2k tokens/s alone (slower when the cores are
-  shared), the shipped target was trained with a wall-clock deadline of ~2 h (see the README /
-  report.json for the exact tokens); draft: ~6 min; export + eval: ~2 min.
-  ``--tiny``: about 30-60 s end to end (used by tests/test_demo_recipe.py).
+Run time on the 2-core CPU dev box (torch 2.13, bf16 autocast), measured for the shipped pair:
+  corpus ~30-60 s, tokenizer ~5 s, data ~10 s, streams < 1 s.
+  target (16.9M params, seq 256, batch 16): ~2.2k tokens/s with 2 threads on an idle box, but
+  2 OpenMP threads collapse to 0.2-0.4k tokens/s when other processes share the cores; 1 thread
+  held 0.75-1.1k tokens/s there. The shipped target: 1,567 steps = 6.4M tokens in 123 training
+  minutes (13:44-15:50 UTC, wall-clock deadline, mostly --threads 1 on a shared box).
+  draft (1.25M params): 6 min, 222 steps = 0.9M tokens of the general set. export + eval: ~1 min.
+  ``--tiny``: about 10-20 s end to end (used by tests/test_demo_recipe.py).
 
 Example (what produced the shipped assets)::
 
-  python -m onlinespec_core.demo.recipe --out work_demo/full --deadline 15:50 --install assets
+  python -m onlinespec_core.demo.recipe --out work_demo/full --threads 1 --deadline 15:50 --install assets
 """
 
 from __future__ import annotations
