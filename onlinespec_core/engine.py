@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import shutil
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -16,6 +14,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from .atomic import write_dir_atomically
 from .decoding import DecodeState, run_round
 from .errors import OnlineSpecError, require
 from .feedback import Round
@@ -344,10 +343,8 @@ class Engine:
     def save_state(self, path: str | os.PathLike) -> Path:
         """Evolved draft + updater state + config + RNG, atomically (temp dir, then rename)."""
         require(self.draft is not None, "nothing to save: this engine has no draft")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
+
+        def write(tmp: Path) -> None:
             self.updater.detach()
             save_model(self.draft.module, str(tmp / "draft.safetensors"))
             tensors = {f"updater.{k}": v.detach().contiguous().cpu()
@@ -363,17 +360,7 @@ class Engine:
                 "metrics": self.metrics.as_dict(),
             }
             (tmp / "state.json").write_text(json.dumps(meta, indent=2, default=_json_default))
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{os.getpid()}")
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+        return write_dir_atomically(path, write)
 
     def load_state(self, path: str | os.PathLike) -> None:
         path = Path(path)

@@ -9,35 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_dir_atomically as _atomic_dir
 from .errors import OnlineSpecError, require
 
 PROVENANCE = "onlinespec_export.json"
-
-
-def _atomic_dir(out_dir: str | os.PathLike, write) -> Path:
-    """write(tmp_dir) into a temp folder next to out_dir, then rename it into place."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    require(not out.exists() or out.is_dir(), f"export target {str(out)!r} is a file; pick a folder path")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
 
 
 def _save_tokenizer(base: str | None, tokenizer: Any, tmp: Path) -> None:
