@@ -22,8 +22,8 @@ from ..errors import OnlineSpecError
 from ..feedback import Round
 from ..sampling import SamplingConfig, logits_to_probs, sample
 from .base import Proposal, crop_cache
-from .features import (FeatureSeq, Readout, Record, RecordBook, check_target, family_body, load_weights,
-                       plain, read_head_config, run_body, save_head, tail_features, target_fingerprint)
+from .features import (FeatureDraft, FeatureSeq, Record, check_target, family_body, load_weights, plain,
+                       read_head_config, run_body, save_head, tail_features)
 
 
 @dataclass
@@ -53,29 +53,12 @@ class EagleHead(nn.Module):
         return run_body(self.body, x, start, cache)
 
 
-class EagleDraft:
+class EagleDraft(FeatureDraft):
     kind = "eagle"
-    needs_hidden = True
 
     def __init__(self, target: PreTrainedModel, module: EagleHead, cfg: EagleConfig) -> None:
-        self.module = module
-        self.cfg = cfg
-        self.readout = Readout(target)
-        self.target = target  # frozen; only read when a proposal must be rebuilt
-        self.target_info = target_fingerprint(target)
-        self.hidden_size = target.config.hidden_size
-        self.records = RecordBook(cfg.max_records)
-        self.feats: FeatureSeq | None = None
-        self.cache: DynamicCache | None = None
+        super().__init__(target, module, cfg)
         self.cache_real = 0  # cached positions computed from real target features
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.module.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.module.fc.weight.dtype
 
     def reset(self) -> None:
         self.feats, self.cache, self.cache_real = None, None, 0
@@ -83,9 +66,6 @@ class EagleDraft:
     def invalidate(self) -> None:
         """Weights changed: the KV cache is stale; the target's features stay valid."""
         self.cache, self.cache_real = None, 0
-
-    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.readout.embed_ids(ids.to(self.readout.embed.weight.device), self.dtype).to(self.device)
 
     @torch.inference_mode()
     def propose(self, seq: torch.Tensor, k: int, cfg: SamplingConfig,

@@ -270,3 +270,31 @@ def load_weights(module: nn.Module, path: str | Path) -> None:
 def target_fingerprint(target: PreTrainedModel) -> dict[str, Any]:
     c = target.config
     return {"model_type": c.model_type, "hidden_size": c.hidden_size, "vocab_size": c.vocab_size}
+
+
+class FeatureDraft:
+    """What the eagle and hydra drafts share: the target's frozen readout (embeddings, final norm,
+    lm_head), the book of proposals for train_logits, and the target's real features."""
+    needs_hidden = True
+
+    def __init__(self, target: PreTrainedModel, module: nn.Module, cfg: Any) -> None:
+        self.module = module
+        self.cfg = cfg
+        self.readout = Readout(target)
+        self.target = target  # frozen; only read when a proposal must be rebuilt
+        self.target_info = target_fingerprint(target)
+        self.hidden_size = target.config.hidden_size
+        self.records = RecordBook(cfg.max_records)
+        self.feats: FeatureSeq | None = None
+        self.cache: Any = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.module.parameters()).dtype
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.readout.embed_ids(ids.to(self.readout.embed.weight.device), self.dtype).to(self.device)

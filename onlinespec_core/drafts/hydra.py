@@ -23,8 +23,8 @@ from ..feedback import Round
 from ..sampling import SamplingConfig, logits_to_probs, sample
 from .base import Proposal, crop_cache
 from .eagle import _config, build_module, subset
-from .features import (FeatureSeq, Readout, Record, RecordBook, check_target, family_body, load_weights,
-                       plain, read_head_config, run_body, save_head, tail_features, target_fingerprint)
+from .features import (FeatureDraft, FeatureSeq, Record, check_target, family_body, load_weights, plain,
+                       read_head_config, run_body, save_head, tail_features)
 
 
 @dataclass
@@ -70,38 +70,18 @@ class HydraHeads(nn.Module):
         return self.heads[len(embs) - 1](torch.cat([h, *embs], dim=-1))
 
 
-class HydraDraft:
+class HydraDraft(FeatureDraft):
     kind = "hydra"
-    needs_hidden = True
 
     def __init__(self, target: PreTrainedModel, module: HydraHeads, cfg: HydraConfig) -> None:
-        self.module = module
-        self.cfg = cfg
-        self.readout = Readout(target)
-        self.target = target  # frozen; only read when a proposal must be rebuilt
-        self.target_info = target_fingerprint(target)
-        self.hidden_size = target.config.hidden_size
-        self.records = RecordBook(cfg.max_records)
-        self.feats: FeatureSeq | None = None
-        self.cache: DynamicCache | None = None  # prefix layer only: real positions
+        super().__init__(target, module, cfg)  # self.cache: prefix layer only, real positions
         self.last: tuple[int, torch.Tensor] | None = None  # (n, h_{n-1}) from the prefix layer
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.module.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.module.parameters()).dtype
 
     def reset(self) -> None:
         self.feats, self.cache, self.last = None, None, None
 
     def invalidate(self) -> None:
         self.cache, self.last = None, None
-
-    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.readout.embed_ids(ids.to(self.readout.embed.weight.device), self.dtype).to(self.device)
 
     def _base_state(self, feats: torch.Tensor) -> torch.Tensor:
         n = feats.shape[0]
