@@ -9,8 +9,7 @@ the feature at t with the token at t+1.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -22,8 +21,8 @@ from ..errors import OnlineSpecError
 from ..feedback import Round
 from ..sampling import SamplingConfig, logits_to_probs, sample
 from .base import Proposal, crop_cache
-from .features import (FeatureDraft, FeatureSeq, Record, check_target, family_body, load_weights, plain,
-                       read_head_config, run_body, save_head, tail_features)
+from .features import (FeatureDraft, saved_head_options, FeatureSeq, Record, family_body, load_weights, plain,
+                       run_body, tail_features)
 
 
 @dataclass
@@ -186,10 +185,6 @@ class EagleDraft(FeatureDraft):
         return feat_loss + self.cfg.ce_weight * ce, {"feature_loss": feat_loss.item(), "ce": ce.item(),
                                                      "top1": acc.item()}
 
-    def save(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
-        save_head(self.module, path, {"kind": self.kind, "format": 1, "target": self.target_info,
-                                      "head": asdict(self.cfg)}, dtype)
-
 
 RUNTIME = {"train_window", "max_records"}
 
@@ -224,11 +219,7 @@ def build_module(cls: type, target: PreTrainedModel, cfg: Any, device: Any, dtyp
 def load_eagle_draft(target: PreTrainedModel, source: Any, tokenizer: Any, device: Any = "cpu",
                      dtype: Any = "float32", trust_remote_code: bool = False, **kw: Any) -> EagleDraft:
     """source None -> a freshly initialised head for this target; a directory -> draft.save's output."""
-    saved: dict[str, Any] = {}
-    if source is not None:
-        info = read_head_config(source, "eagle")
-        check_target(info, target, source)
-        saved = info.get("head", {})
+    saved = saved_head_options(source, "eagle", target)
     cfg = _config("eagle", EagleConfig, saved, kw)
     module = build_module(EagleHead, target, cfg, device, dtype, trust_remote_code)
     if source is not None:

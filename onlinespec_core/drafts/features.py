@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import warnings
 from collections import OrderedDict
@@ -298,3 +299,16 @@ class FeatureDraft:
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.readout.embed_ids(ids.to(self.readout.embed.weight.device), self.dtype).to(self.device)
+
+    def save(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
+        save_head(self.module, path, {"kind": self.kind, "format": 1, "target": self.target_info,
+                                      "head": dataclasses.asdict(self.cfg)}, dtype)
+
+
+def saved_head_options(source: Any, kind: str, target: PreTrainedModel) -> dict[str, Any]:
+    """The head options stored by save() in source (checked against this target); {} for None."""
+    if source is None:
+        return {}
+    info = read_head_config(source, kind)
+    check_target(info, target, source)
+    return info.get("head", {})

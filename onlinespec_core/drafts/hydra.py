@@ -9,8 +9,7 @@ decoder layer of the target's family over h_0..h_t first. Loss: soft CE vs the t
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,8 +22,8 @@ from ..feedback import Round
 from ..sampling import SamplingConfig, logits_to_probs, sample
 from .base import Proposal, crop_cache
 from .eagle import _config, build_module, subset
-from .features import (FeatureDraft, FeatureSeq, Record, check_target, family_body, load_weights, plain,
-                       read_head_config, run_body, save_head, tail_features)
+from .features import (FeatureDraft, saved_head_options, FeatureSeq, Record, family_body, load_weights, plain,
+                       run_body, tail_features)
 
 
 @dataclass
@@ -181,19 +180,11 @@ class HydraDraft(FeatureDraft):
         loss = torch.stack(losses).mean()
         return loss, {"ce": loss.item(), "top1": accs[0].item(), "top1_last": accs[-1].item()}
 
-    def save(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
-        save_head(self.module, path, {"kind": self.kind, "format": 1, "target": self.target_info,
-                                      "head": asdict(self.cfg)}, dtype)
-
 
 def load_hydra_draft(target: PreTrainedModel, source: Any, tokenizer: Any, device: Any = "cpu",
                      dtype: Any = "float32", trust_remote_code: bool = False, **kw: Any) -> HydraDraft:
     """source None -> freshly initialised heads for this target; a directory -> draft.save's output."""
-    saved: dict[str, Any] = {}
-    if source is not None:
-        info = read_head_config(source, "hydra")
-        check_target(info, target, source)
-        saved = info.get("head", {})
+    saved = saved_head_options(source, "hydra", target)
     cfg = _config("hydra", HydraConfig, saved, kw)
     if cfg.n_heads < 1:
         raise OnlineSpecError(f"n_heads must be >= 1, got {cfg.n_heads}")
