@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-ALL_STAGES = ("corpus", "tokenizer", "data", "streams", "target", "draft", "export", "eval")
+ALL_STAGES = ("corpus", "tokenizer", "data", "streams", "target", "anneal", "draft", "export", "eval")
 
 PRESETS = {
     "full": {
@@ -51,6 +51,7 @@ PRESETS = {
         "draft_batch": 16, "draft_lr": 3e-3, "draft_minutes": 6.0, "draft_max_tokens": 3_000_000,
         "streams": dict(n_single=40, n_shift=25, n_shift_short=8),
         "eval_tokens": 60_000,
+        "anneal": dict(lr=1.2e-3, warmup=50, max_tokens=14_000_000, minutes=100.0, eval_every=200),
     },
     "tiny": {
         "corpus": dict(n_math=400, n_sql=400, n_prose=300, n_general=400, max_code_functions=250, max_code_extra=200,
@@ -63,10 +64,14 @@ PRESETS = {
         "draft_batch": 8, "draft_lr": 3e-3, "draft_minutes": 0.5, "draft_max_tokens": 8 * 64 * 20,
         "streams": dict(n_single=6, n_shift=3, n_shift_short=2),
         "eval_tokens": 4_000,
+        "anneal": dict(lr=2e-3, warmup=2, max_tokens=8 * 64 * 10, minutes=2.0, eval_every=5),
     },
 }
 
 TARGET_MIX = {"code": 0.30, "math": 0.20, "sql": 0.12, "prose": 0.20, "general": 0.18}
+# second phase: continue from the first phase's weights with a code-heavy mix (real code is by far the
+# hardest topic; the templated math/sql/prose generators are learned early) on a fresh cosine schedule
+ANNEAL_MIX = {"code": 0.60, "math": 0.10, "sql": 0.06, "prose": 0.12, "general": 0.12}
 DRAFT_MIX = {"general": 1.0}
 
 
@@ -147,6 +152,10 @@ def build_argparser() -> argparse.ArgumentParser:
                     help="wall-clock stop for target training: 'HH:MM' UTC today, ISO time or unix seconds")
     ap.add_argument("--max-minutes", type=float, default=None, help="target training-time budget (cumulative)")
     ap.add_argument("--max-tokens", type=int, default=None, help="target token budget")
+    ap.add_argument("--anneal-minutes", type=float, default=None,
+                    help="budget of the code-heavy second target phase (default: the preset's)")
+    ap.add_argument("--anneal-tokens", type=int, default=None, help="token budget of the second target phase")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the training forward (faster, slow start)")
     ap.add_argument("--draft-minutes", type=float, default=None, help="draft warm-up time budget")
     ap.add_argument("--ckpt-every", type=float, default=300.0, help="seconds between checkpoints")
     ap.add_argument("--threads", type=int, default=None,
@@ -224,11 +233,30 @@ def main(argv: list[str] | None = None) -> int:
                           warmup_steps=P["warmup"], max_tokens=args.max_tokens or P["max_tokens"],
                           max_minutes=args.max_minutes if args.max_minutes is not None else 1e9,
                           deadline=parse_deadline(args.deadline), ckpt_every_s=args.ckpt_every,
-                          seed=args.seed, bf16=bf16, threads=args.threads)
+                          seed=args.seed, bf16=bf16, threads=args.threads, compile=args.compile)
         meta = train_lm(model, data_dir, out / "target_work", cfg, resume=args.resume, log=log)
         report["target_train"] = {k: meta[k] for k in ("step", "tokens", "train_s", "last_loss", "stop_reason")
                                   if k in meta}
         _save_report(report_path, report)
+
+    if "anneal" in stages:
+        A = P["anneal"]
+        src = out / "target_work" / "ckpt"
+        if not (src / "ckpt.json").exists():
+            log("anneal: no first-phase target checkpoint yet, skipped")
+        else:
+            model = _new_model(P, "target", get_tok())
+            cfg = TrainConfig(mix=ANNEAL_MIX, seq_len=P["seq_len"], batch_size=P["batch_size"], lr=A["lr"],
+                              warmup_steps=A["warmup"], max_tokens=args.anneal_tokens or A["max_tokens"],
+                              max_minutes=args.anneal_minutes if args.anneal_minutes is not None else A["minutes"],
+                              deadline=parse_deadline(args.deadline), ckpt_every_s=args.ckpt_every,
+                              seed=args.seed + 2, bf16=bf16, threads=args.threads, compile=args.compile,
+                              eval_every=A["eval_every"], init_from=str(src))
+            meta = train_lm(model, data_dir, out / "target_anneal_work", cfg, resume=args.resume, log=log,
+                            eval_sets=["code", "math", "general"])
+            report["target_anneal"] = {k: meta[k] for k in ("step", "tokens", "train_s", "last_loss", "stop_reason")
+                                       if k in meta}
+            _save_report(report_path, report)
 
     if "draft" in stages:
         model = _new_model(P, "draft", get_tok())
@@ -245,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     if "export" in stages:
         for which in ("target", "draft"):
             ck = out / f"{which}_work" / "ckpt"
+            if which == "target" and (out / "target_anneal_work" / "ckpt" / "ckpt.json").exists():
+                ck = out / "target_anneal_work" / "ckpt"  # the second phase supersedes the first
             if not (ck / "ckpt.json").exists():
                 log(f"export: no {which} checkpoint yet, skipped")
                 continue
@@ -252,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             meta = load_ckpt_weights(model, ck)
             export_model(model, get_tok(), out / "models" / which)
             (out / "models" / which / "training.json").write_text(json.dumps(
-                {k: meta.get(k) for k in ("step", "tokens", "train_s", "last_loss", "stop_reason", "done")}, indent=2))
+                {k: meta.get(k) for k in ("step", "tokens", "train_s", "last_loss", "stop_reason", "done", "init_from")}, indent=2))
             log(f"export {which}: step {meta['step']} ({meta['tokens']:,} tokens) -> {out / 'models' / which}")
 
     if "eval" in stages:
