@@ -82,13 +82,19 @@ class TrainConfig:
 
 
 class Batcher:
-    """Random windows of ``seq_len + 1`` tokens; batch ``step`` is a pure function of the seed."""
+    """Random windows of ``seq_len + 1`` tokens; batch ``step`` is a pure function of the seed.
+
+    A mix entry ``"copy:SET"`` makes repeat rows: a window of SET followed by the same window again.
+    Predicting the second half is pure in-context copying, the signal that grows induction heads;
+    natural code needs that skill (identifiers recur within a function) but teaches it slowly.
+    """
 
     def __init__(self, data_dir: str | Path, mix: dict, seq_len: int, batch_size: int, seed: int,
                  split: str = "train"):
         self.arrays = {}
         for name in mix:
-            a = np.load(Path(data_dir) / f"{name}.{split}.npy", mmap_mode="r")
+            src = name.split(":", 1)[1] if name.startswith("copy:") else name
+            a = np.load(Path(data_dir) / f"{src}.{split}.npy", mmap_mode="r")
             if a.size > seq_len + 1:
                 self.arrays[name] = a
         names = sorted(self.arrays)
@@ -101,10 +107,35 @@ class Batcher:
         which = rng.choice(len(self.names), size=self.bs, p=self.p)
         rows = []
         for w in which:
-            a = self.arrays[self.names[w]]
-            off = int(rng.integers(0, a.size - self.seq_len - 1))
-            rows.append(np.asarray(a[off: off + self.seq_len + 1], dtype=np.int64))
+            name, a = self.names[w], self.arrays[self.names[w]]
+            n = self.seq_len + 1
+            if name.startswith("copy:"):
+                half = (n + 1) // 2
+                off = int(rng.integers(0, a.size - half))
+                win = np.asarray(a[off: off + half], dtype=np.int64)
+                rows.append(np.concatenate([win, win])[:n])
+            else:
+                off = int(rng.integers(0, a.size - n))
+                rows.append(np.asarray(a[off: off + n], dtype=np.int64))
         return torch.from_numpy(np.stack(rows))
+
+
+@torch.no_grad()
+def copy_probe_loss(model, vocab_lo: int = 100, n: int = 48, rows: int = 4, seed: int = 0) -> dict:
+    """Loss on random tokens seen once vs the same tokens repeated: a model with induction heads
+    drives the repeat loss far below the first (about log(vocab) when nothing can be predicted)."""
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    r = torch.randint(vocab_lo, vocab, (rows, n), generator=g)
+    bos = model.config.bos_token_id if model.config.bos_token_id is not None else 0
+    x = torch.cat([torch.full((rows, 1), bos), r, r], 1)
+    lp = torch.log_softmax(model(input_ids=x).logits.float(), -1)
+    nll = -lp[:, :-1].gather(2, x[:, 1:, None])[..., 0]
+    if was_training:
+        model.train()
+    return {"first": round(float(nll[:, :n].mean()), 3), "repeat": round(float(nll[:, n + 1:].mean()), 3)}
 
 
 def _save_ckpt(model, opt, meta: dict, ckpt_dir: Path) -> None:
@@ -266,7 +297,8 @@ def train_lm(model, data_dir: str | Path, work_dir: str | Path, cfg: TrainConfig
                 log(f"step {step} tokens {step * tokens_per_step:,} loss {ema:.4f} lr {lr:.2e} "
                     f"train_min {el / 60:.1f} frac {frac:.3f}")
         if cfg.eval_every and eval_sets and step % cfg.eval_every == 0:
-            log(f"eval step {step}: {eval_loss(model, data_dir, eval_sets, cfg.seq_len, bf16=cfg.bf16, max_tokens=20000)}")
+            log(f"eval step {step}: {eval_loss(model, data_dir, eval_sets, cfg.seq_len, bf16=cfg.bf16, max_tokens=20000)} "
+                f"copy probe {copy_probe_loss(model)}")
         if time.time() - t_last_ckpt >= cfg.ckpt_every_s:
             m = dict(meta, step=step, tokens=step * tokens_per_step,
                      train_s=train_s0 + (time.time() - t_seg), last_loss=ema)
