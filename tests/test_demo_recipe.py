@@ -97,3 +97,54 @@ def test_deadline_parsing():
 
 def test_bad_stage_is_rejected(tmp_path):
     assert recipe.main(["--tiny", "--out", str(tmp_path), "--stages", "nonsense"]) == 2
+
+
+def test_anneal_phase_continues_from_the_first_phase(tiny_run):
+    rep = json.loads((tiny_run / "work" / "report.json").read_text())
+    assert rep["target_anneal"]["step"] > 0
+    shipped = json.loads((tiny_run / "assets" / "models" / "demo" / "target" / "training.json").read_text())
+    # the exported target is the second phase, started from the first phase's final checkpoint
+    assert shipped["init_from"]["step"] == rep["target_train"]["step"]
+    assert shipped["step"] == rep["target_anneal"]["step"]
+
+
+def test_batcher_copy_rows_repeat_their_window(tmp_path):
+    import numpy as np
+
+    from onlinespec_core.demo.train import Batcher
+
+    np.save(tmp_path / "code.train.npy", np.arange(5000, dtype=np.uint16) % 997)
+    b = Batcher(tmp_path, {"code": 0.5, "copy:code": 0.5}, seq_len=32, batch_size=64, seed=1)
+    x = b.batch(0)
+    assert x.shape == (64, 33)
+    repeats = [bool((r[17:33] == r[:16]).all()) for r in x]
+    assert 10 < sum(repeats) < 54  # both kinds of rows appear
+    plain = [r for r, rep in zip(x, repeats) if not rep]
+    assert all(bool(((r[1:] - r[:-1]) % 997 == 1).all()) for r in plain)  # contiguous windows
+    assert torch.equal(b.batch(5), Batcher(tmp_path, {"code": 0.5, "copy:code": 0.5}, 32, 64, 1).batch(5))
+
+
+def test_copy_probe_separates_a_copying_model():
+    from onlinespec_core.demo.train import copy_probe_loss
+
+    class Copier(torch.nn.Module):
+        """Predicts, at each position, the token that followed the previous occurrence of the current one."""
+
+        def __init__(self, vocab):
+            super().__init__()
+            self.config = transformers.LlamaConfig(vocab_size=vocab, bos_token_id=1)
+
+        def forward(self, input_ids):
+            b, t = input_ids.shape
+            logits = torch.zeros(b, t, self.config.vocab_size)
+            for i in range(b):
+                seen = {}
+                for j in range(t):
+                    tok = int(input_ids[i, j])
+                    if tok in seen:
+                        logits[i, j, int(input_ids[i, seen[tok] + 1])] = 30.0
+                    seen[tok] = j
+            return type("Out", (), {"logits": logits})()
+
+    probe = copy_probe_loss(Copier(50_000), n=24)
+    assert probe["repeat"] < 0.1 < 5.0 < probe["first"]
