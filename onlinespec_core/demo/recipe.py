@@ -327,7 +327,7 @@ def evaluate(out: Path, P: dict, log=print, bf16: bool = True, n_samples: int = 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from .corpus import ALL_SETS, TOPICS, read_split
-    from .train import eval_loss
+    from .train import copy_probe_loss, eval_loss
     res: dict = {}
     models = {}
     for which in ("target", "draft"):
@@ -340,6 +340,8 @@ def evaluate(out: Path, P: dict, log=print, bf16: bool = True, n_samples: int = 
         res[f"{which}_heldout_loss"] = eval_loss(m, out / "data", ALL_SETS, P["seq_len"],
                                                  max_tokens=P["eval_tokens"], bf16=bf16)
         log(f"{which} held-out loss: {res[f'{which}_heldout_loss']}")
+        res[f"{which}_copy_probe"] = copy_probe_loss(m)
+        log(f"{which} copy probe (random tokens, first pass vs repeat): {res[f'{which}_copy_probe']}")
     if "target" in models and "draft" in models:
         tm, dm = decode_ms(models["target"], n=decode_tokens), decode_ms(models["draft"], n=decode_tokens)
         res["decode_ms"] = {"target": round(tm, 3), "draft": round(dm, 3), "ratio": round(tm / dm, 2)}
