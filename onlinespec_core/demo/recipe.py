@@ -6,27 +6,34 @@ Stages (run in order; each can be run alone with ``--stages``):
   tokenizer  byte-level BPE (8192 entries), HF format
   data       tokenised uint16 arrays per set and split
   streams    assets-style prompt streams from the held-out splits
-  target     Llama target (~17M params), resumable, checkpoints every 5 minutes
+  target     Llama target (~17M params), first phase on the broad mix, resumable, checkpoints every 5 min
+  anneal     second target phase from the first one's weights: code-heavy mix with 15% copy rows
+             (a window of code followed by itself) on a fresh cosine schedule; resumable
   draft      Llama draft (~1.2M params), warmed up on the general set only
   export     bf16 safetensors model dirs (target from its latest checkpoint, even mid-training)
   eval       held-out loss per topic (target and draft), decode cost ratio, greedy samples
 
-Output layout under ``--out``: corpus/, tokenizer/, data/, target_work/ckpt, draft_work/ckpt,
+Output layout under ``--out``: corpus/, tokenizer/, data/, target_work/ckpt, target_anneal_work/ckpt
+(exported in preference to the first phase when present), draft_work/ckpt,
 models/target, models/draft, streams/, report.json. ``--install DIR`` copies models to
 DIR/models/demo/{target,draft} and the streams to DIR/streams (DIR = the repo's assets/).
 
 Run time on the 2-core CPU dev box (torch 2.13, bf16 autocast), measured for the shipped pair:
   corpus ~30-60 s, tokenizer ~5 s, data ~10 s, streams < 1 s.
-  target (16.9M params, seq 256, batch 16): ~2.2k tokens/s with 2 threads on an idle box, but
-  2 OpenMP threads collapse to 0.2-0.4k tokens/s when other processes share the cores; 1 thread
-  held 0.75-1.1k tokens/s there. The shipped target: 1,567 steps = 6.4M tokens in 123 training
-  minutes (13:44-15:50 UTC, wall-clock deadline, mostly --threads 1 on a shared box).
+  target (16.9M params, seq 256, batch 16): ~1.7k tokens/s with 2 threads on an idle box, ~2.1k
+  with --compile, but 2 OpenMP threads collapse to 0.2-0.4k tokens/s when other processes share
+  the cores; 1 thread held 0.75-1.1k tokens/s there. The shipped target: phase 1, 1,567 steps =
+  6.4M tokens in 123 training minutes (wall-clock deadline, mostly --threads 1 on a shared box);
+  anneal, 3,417 steps = 14.0M tokens in 110 minutes (--threads 2 --compile, idle box).
   draft (1.25M params): 6 min, 222 steps = 0.9M tokens of the general set. export + eval: ~1 min.
   ``--tiny``: about 10-20 s end to end (used by tests/test_demo_recipe.py).
 
 Example (what produced the shipped assets)::
 
   python -m onlinespec_core.demo.recipe --out work_demo/full --threads 1 --deadline 15:50 --install assets
+  python -m onlinespec_core.demo.recipe --out work_demo/full --stages anneal --threads 2 --compile \
+      --deadline 18:25 --anneal-minutes 120 --anneal-tokens 14000000
+  python -m onlinespec_core.demo.recipe --out work_demo/full --stages export,eval --install assets
 """
 
 from __future__ import annotations
@@ -47,11 +54,11 @@ PRESETS = {
         "vocab_size": 8192,
         "target": dict(hidden=384, layers=8, ffn=1152, heads=6, kv_heads=2),
         "draft": dict(hidden=128, layers=1, ffn=384, heads=2, kv_heads=1),
-        "seq_len": 256, "batch_size": 16, "lr": 2e-3, "max_tokens": 24_000_000, "warmup": 100,
+        "seq_len": 256, "batch_size": 16, "lr": 2e-3, "max_tokens": 6_418_432, "warmup": 100,
         "draft_batch": 16, "draft_lr": 3e-3, "draft_minutes": 6.0, "draft_max_tokens": 3_000_000,
         "streams": dict(n_single=40, n_shift=25, n_shift_short=8),
         "eval_tokens": 60_000,
-        "anneal": dict(lr=1.2e-3, warmup=50, max_tokens=14_000_000, minutes=100.0, eval_every=200),
+        "anneal": dict(lr=1.2e-3, warmup=50, max_tokens=14_000_000, minutes=1e9, eval_every=200),
     },
     "tiny": {
         "corpus": dict(n_math=400, n_sql=400, n_prose=300, n_general=400, max_code_functions=250, max_code_extra=200,
