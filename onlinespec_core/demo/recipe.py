@@ -76,8 +76,8 @@ PRESETS = {
 }
 
 TARGET_MIX = {"code": 0.30, "math": 0.20, "sql": 0.12, "prose": 0.20, "general": 0.18}
-# second phase: continue from the first phase's weights with a code-heavy mix (real code is by far the
-# hardest topic; the templated math/sql/prose generators are learned early) on a fresh cosine schedule
+# Second phase: continue from the first phase's weights on a fresh cosine schedule with a code-heavy mix
+# (real code is by far the hardest topic; the templated math/sql/prose generators are learned early).
 # The first phase grew no induction heads (random tokens repeated once: no lower loss the second
 # time), so 15% of the rows are "copy:code" repeats (see train.Batcher) to teach in-context copying.
 ANNEAL_MIX = {"code": 0.50, "copy:code": 0.15, "math": 0.08, "sql": 0.05, "prose": 0.11, "general": 0.11}

@@ -287,7 +287,7 @@ def train_lm(model, data_dir: str | Path, work_dir: str | Path, cfg: TrainConfig
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        lv = float(loss)
+        lv = float(loss.detach())
         ema = lv if ema is None else 0.98 * ema + 0.02 * lv
         pbar.update(1)
         if step % 20 == 0:
