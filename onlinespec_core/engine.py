@@ -2,29 +2,33 @@
 applies control requests between rounds only; saves and restores its state."""
 from __future__ import annotations
 
-import json
 import os
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
 
-from .atomic import write_dir_atomically
-from .decoding import DecodeState, run_round
+from . import state as state_fmt
+from .decoding import DecodeState, new_target_cache, run_round
 from .errors import OnlineSpecError, require
 from .feedback import Round
 from .metrics import Metrics
 from .models import ModelPair
 from .sampling import SamplingConfig
-from .updaters import make_updater
+from .updaters import REGISTRY, make_updater
 
 K_MAX = 32
-STATE_VERSION = 1
+STATE_VERSION = state_fmt.STATE_VERSION
+MAX_NEW_TOKENS = 1 << 20
+MAX_PROMPT_CHARS = 1 << 20  # longer text is refused before tokenising
+DEFAULT_CONTEXT = 1 << 17  # bound when a model declares no maximum positions
+T = TypeVar("T")
 
 
 @dataclass
@@ -44,12 +48,32 @@ class EngineConfig:
     def validate(self, has_draft: bool) -> None:
         for name in ("k", "k_min", "k_max"):
             v = getattr(self, name)
-            require(isinstance(v, int) and 0 <= v <= K_MAX,
+            require(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= K_MAX,
                     f"{name} must be an integer in 0..{K_MAX} (0 = target-only decoding); got {v!r}")
         require(self.k_min <= self.k_max, f"k_min ({self.k_min}) must be <= k_max ({self.k_max})")
         require(has_draft or self.k == 0,
                 "this pair has no draft; use k=0 (target-only) or load a pair with a draft")
+        require(_is_int(self.seed) and 0 <= self.seed < 2 ** 63,
+                f"seed must be an integer in 0..2**63-1; got {self.seed!r}")
+        require(_is_int(self.feedback_window) and self.feedback_window >= 0,
+                f"feedback_window must be an integer >= 0; got {self.feedback_window!r}")
+        for name in ("dynamic_k", "keep_distributions", "refresh_draft_cache"):
+            require(isinstance(getattr(self, name), bool),
+                    f"{name} must be True or False; got {getattr(self, name)!r}")
         SamplingConfig(self.temperature, self.top_k, self.top_p)  # validates
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], base: "EngineConfig", has_draft: bool, where: str) -> "EngineConfig":
+        names = {f.name for f in fields(cls)}
+        bad = sorted(set(d) - names)
+        require(not bad, f"{where}: unknown engine option(s) {bad}; valid: {', '.join(sorted(names))}")
+        cfg = cls(**{**asdict(base), **d})
+        cfg.validate(has_draft)
+        return cfg
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass
@@ -81,6 +105,9 @@ class Engine:
         self.config = EngineConfig(k=k, temperature=temperature, top_k=top_k, top_p=top_p,
                                    seed=seed, **config)
         self.config.validate(pair.draft is not None)
+        require(isinstance(updater, str), f"updater must be a name (one of {', '.join(REGISTRY)}); got {updater!r}")
+        require(updater_options is None or isinstance(updater_options, dict),
+                f"updater_options must be a dict of option -> value; got {updater_options!r}")
         self.device = pair.device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.round_index = 0
@@ -91,8 +118,9 @@ class Engine:
         if pair.draft is not None:
             self.updater.attach(pair.draft)
         self._requests: queue.SimpleQueue[Callable[[], Event | None]] = queue.SimpleQueue()
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # held while a request applies; guards _running/_runner
         self._running = False
+        self._runner: int | None = None  # thread iterating the running stream
         self._paused = threading.Event()
         self._wake = threading.Event()
         self._steps = 0
@@ -115,22 +143,55 @@ class Engine:
 
     # ---- control requests: applied between rounds --------------------------------------
     def _request(self, fn: Callable[[], Event | None]) -> Event | None:
+        """While a stream runs: queue fn for its next drain (between rounds). Idle: apply now,
+        under the lock a starting stream takes first, so no round can overlap it."""
         with self._lock:
             if self._running:
                 self._requests.put(fn)
+                self._wake.set()  # a paused stream drains too
                 return None
-        return fn()
+            return fn()
+
+    def _call(self, fn: Callable[[], T], timeout: float | None) -> T:
+        """fn() between rounds (at once when idle or when called from the stream's own thread,
+        which is then between rounds); waits for and returns its result or exception."""
+        fut: Future = Future()
+
+        def job() -> None:
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as e:  # delivered to the caller
+                    fut.set_exception(e)
+        with self._lock:
+            queued = self._running and threading.get_ident() != self._runner
+            if queued:
+                self._requests.put(job)
+                self._wake.set()
+            else:
+                job()
+        try:
+            return fut.result(timeout if queued else None)
+        except FutureTimeout:
+            if fut.cancel():
+                raise OnlineSpecError(
+                    f"the running generate did not reach the end of a round within {timeout} s, so "
+                    "the request was dropped; try again, pass a longer timeout, or stop the run first") from None
+            return fut.result()
 
     def _drain_requests(self) -> list[Event]:
+        """Apply the requests queued before this call; later ones wait for the next drain."""
         events = []
-        while True:
+        for _ in range(self._requests.qsize()):
             try:
                 fn = self._requests.get_nowait()
             except queue.Empty:
-                return events
-            ev = fn()
+                break
+            with self._lock:
+                ev = fn()
             if ev is not None:
                 events.append(ev)
+        return events
 
     def set_k(self, k: int, dynamic: bool | None = None) -> None:
         new = EngineConfig(**{**asdict(self.config), "k": k,
@@ -205,6 +266,7 @@ class Engine:
         while self._paused.is_set() and not self._stop and self._steps == 0:
             self._wake.wait(0.05)
             self._wake.clear()
+            yield from self._drain_requests()  # save/load/switches while paused
         if self._steps > 0 and self._paused.is_set():
             self._steps -= 1
         elif not self._stop:
@@ -212,38 +274,77 @@ class Engine:
 
     # ---- decoding ----------------------------------------------------------------------
     def encode(self, prompt: str | list[int] | torch.Tensor) -> torch.Tensor:
+        kinds = "a string, a list of token ids or a 1-D integer tensor"
         if isinstance(prompt, str):
+            require(len(prompt) <= MAX_PROMPT_CHARS, f"the prompt has {len(prompt)} characters, more than "
+                                                     f"{MAX_PROMPT_CHARS}; shorten it")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise OnlineSpecError(f"the prompt contains {prompt[e.start:e.end]!r} at character {e.start}, "
+                                      "which is not valid text (a lone surrogate); remove it or fix the "
+                                      "escape that produced it") from e
             ids = self.pair.tokenizer(prompt)["input_ids"]
         elif isinstance(prompt, torch.Tensor):
+            require(not prompt.is_floating_point() and not prompt.is_complex() and prompt.dtype != torch.bool,
+                    f"prompt tensor has dtype {prompt.dtype}; token ids must be integers (torch.long)")
             ids = prompt.reshape(-1).tolist()
-        else:
+        elif isinstance(prompt, (list, tuple)):
             ids = list(prompt)
+            bad_t = [i for i in ids if not _is_int(i)]
+            require(not bad_t, f"prompt ids must be integers; got {bad_t[:3]!r}; encode the prompt with "
+                               "the pair's tokenizer")
+        else:
+            raise OnlineSpecError(f"the prompt must be {kinds}; got {type(prompt).__name__}")
         require(len(ids) > 0, "the prompt is empty; give at least one token of text")
         vocab = self.pair.target.config.vocab_size
+        if self.draft is not None and getattr(self.draft, "kind", None) == "lm":
+            vocab = min(vocab, self.draft.module.get_input_embeddings().num_embeddings)
         bad = [i for i in ids if not (0 <= int(i) < vocab)]
         require(not bad, f"prompt ids {bad[:5]} are outside the vocabulary (0..{vocab - 1}); "
                          "encode the prompt with the pair's tokenizer")
         return torch.tensor(ids, dtype=torch.long, device=self.device)
 
+    def context_limit(self) -> int:
+        """Positions the target (and an lm draft) can attend to."""
+        limits = []
+        for m in (self.pair.target, getattr(self.draft, "module", None)):
+            cfg = getattr(m, "config", None)
+            for name in ("n_positions", "max_position_embeddings"):
+                v = getattr(cfg, name, None)
+                if _is_int(v) and v > 0:
+                    limits.append(v)
+                    break
+        return min(limits) if limits else DEFAULT_CONTEXT
+
+    def check_lengths(self, prompt_len: int, max_new_tokens: Any) -> None:
+        require(_is_int(max_new_tokens) and 1 <= max_new_tokens <= MAX_NEW_TOKENS,
+                f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS}; got {max_new_tokens!r}")
+        limit = self.context_limit()
+        require(prompt_len + max_new_tokens <= limit,
+                f"the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) exceed the "
+                f"model's {limit} positions; shorten the prompt or lower max_new_tokens")
+
     def stream(self, prompt: str | list[int] | torch.Tensor, max_new_tokens: int = 64,
                topic: str | None = None, prompt_index: int | None = None,
                target_only: bool = False, _in_stream: bool = False) -> Iterator[Event]:
         """Yield an event per round (plus config/updater/pause events) for one prompt."""
-        require(isinstance(max_new_tokens, int) and max_new_tokens >= 1,
+        require(_is_int(max_new_tokens) and max_new_tokens >= 1,
                 f"max_new_tokens must be a positive integer; got {max_new_tokens!r}")
         seq = self.encode(prompt)
-        from transformers import DynamicCache
-        state = DecodeState(seq=seq, prompt_len=seq.numel(), cache=DynamicCache(config=self.pair.target.config))
+        self.check_lengths(seq.numel(), max_new_tokens)
+        state = DecodeState(seq=seq, prompt_len=seq.numel(), cache=new_target_cache(self.pair.target))
         draft = None if target_only else self.draft
-        if draft is not None:
-            draft.reset()
         eos = self.pair.eos_ids
-        with self._lock:
+        with self._lock:  # from here on requests queue (none can be mid-apply: they hold the lock)
             self._running = True
+            self._runner = threading.get_ident()
             if not _in_stream:
                 self._stop = False
         metrics = Metrics()
         try:
+            if draft is not None:
+                draft.reset()
             yield Event("start", data={"prompt_len": state.prompt_len, "topic": topic,
                                        "prompt_index": prompt_index, "target_only": target_only})
             for ev in self._drain_requests():
@@ -281,10 +382,13 @@ class Engine:
                 if done:
                     break
         finally:
-            with self._lock:
-                self._running = False
-        for ev in self._drain_requests():  # requests that arrived during the last round
+            with self._lock:  # requests that arrived during the last round; later ones apply at once
+                self._running, self._runner = False, None
+                tail = self._drain_requests()
+        for ev in tail:
             yield ev
+        if draft is not None and hasattr(draft, "observe_sequence"):
+            draft.observe_sequence(state.seq)  # drafts that index what they have seen (ngram)
         new = state.new_tokens
         kind = "stopped" if self._stop else "done"
         yield Event(kind, data={"token_ids": new, "stats": self._stats(metrics),
@@ -340,66 +444,84 @@ class Engine:
                 i += 1
 
     # ---- state -------------------------------------------------------------------------
-    def save_state(self, path: str | os.PathLike) -> Path:
-        """Evolved draft + updater state + config + RNG, atomically (temp dir, then rename)."""
+    def save_state(self, path: str | os.PathLike, timeout: float | None = 60.0) -> Path:
+        """Evolved draft + updater state + config + RNG, atomically (onlinespec_core.state).
+        During a generate in another thread it runs between rounds (waits up to timeout s)."""
         require(self.draft is not None, "nothing to save: this engine has no draft")
+        return self._call(lambda: self._save_now(path), timeout)
 
-        def write(tmp: Path) -> None:
-            self.updater.detach()
-            save_model(self.draft.module, str(tmp / "draft.safetensors"))
-            tensors = {f"updater.{k}": v.detach().contiguous().cpu()
-                       for k, v in self.updater.state_tensors().items()}
-            tensors["rng"] = self.generator.get_state().cpu()
-            save_file(tensors, str(tmp / "state.safetensors"))
-            meta = {
-                "version": STATE_VERSION, "config": asdict(self.config), "round_index": self.round_index,
-                "updater": {"name": self.updater_name, "options": self.updater_options,
-                            "state": self.updater.state_json()},
-                "draft_kind": self.draft.kind, "pair": self.pair.name,
-                "draft_source": self.pair.draft_source, "target_source": self.pair.target_source,
-                "metrics": self.metrics.as_dict(),
-            }
-            (tmp / "state.json").write_text(json.dumps(meta, indent=2, default=_json_default))
-        return write_dir_atomically(path, write)
+    def _save_now(self, path: str | os.PathLike) -> Path:
+        draft = self.draft
+        self.updater.detach()  # the deployed weights are in draft.module
+        tensors = {f"updater.{k}": v for k, v in self.updater.state_tensors().items()}
+        tensors["rng"] = self.generator.get_state()
+        meta = {
+            "config": asdict(self.config), "round_index": self.round_index,
+            "updater": {"name": self.updater_name, "options": self.updater_options,
+                        "state": self.updater.state_json()},
+            "draft_kind": draft.kind, "pair": self.pair.name,
+            "draft_source": self.pair.draft_source, "target_source": self.pair.target_source,
+            "fingerprint": {"target": state_fmt.target_fingerprint(self.pair.target),
+                            "target_sample": state_fmt.target_sample(self.pair.target),
+                            "draft": state_fmt.draft_fingerprint(draft)},
+            "metrics": self.metrics.as_dict(),
+        }
+        return state_fmt.write_state(path, meta, draft.module, tensors)
 
-    def load_state(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        fix = "save it again with engine.save_state(path), or pick the folder save_state wrote"
-        require(path.is_dir(), f"saved state {str(path)!r} does not exist or is not a folder; {fix}")
-        for name in ("state.json", "draft.safetensors", "state.safetensors"):
-            require((path / name).is_file(), f"saved state {str(path)!r} is incomplete ({name} missing); {fix}")
+    def load_state(self, path: str | os.PathLike, timeout: float | None = 60.0) -> None:
+        """All or nothing: everything is checked before the engine changes. During a generate in
+        another thread it runs between rounds (waits up to timeout s)."""
+        self._call(lambda: self._load_now(path), timeout)
+
+    def _load_now(self, path: str | os.PathLike) -> None:
+        fix = state_fmt.FIX
+        st = state_fmt.read_state(path)
+        meta, where = st.meta, f"saved state {str(st.path)!r}"
+        state_fmt.check_pair(meta, self.pair.target, self.draft, where)
         try:
-            meta = json.loads((path / "state.json").read_text())
-            tensors = load_file(str(path / "state.safetensors"), device=str(self.device))
-        except Exception as e:
-            raise OnlineSpecError(f"saved state {str(path)!r} is corrupt ({type(e).__name__}: {e}); {fix}") from e
-        require(meta.get("version") == STATE_VERSION,
-                f"saved state {str(path)!r} has version {meta.get('version')}, expected {STATE_VERSION}; {fix}")
-        require(self.draft is not None and meta.get("draft_kind") == self.draft.kind,
-                f"saved state is for a {meta.get('draft_kind')!r} draft, this engine has "
-                f"{getattr(self.draft, 'kind', None)!r}; load it into an engine with the same pair")
-        try:
-            missing, unexpected = load_model(self.draft.module, str(path / "draft.safetensors"),
-                                             strict=True, device=str(self.device))
-        except Exception as e:
-            raise OnlineSpecError(
-                f"saved draft weights in {str(path)!r} do not fit this draft ({str(e)[:300]}); "
-                "load the state into an engine built from the same model pair") from e
-        cfg = {**asdict(self.config), **meta["config"]}
-        self.config = EngineConfig(**cfg)
-        self.round_index = int(meta["round_index"])
+            cfg = EngineConfig.from_dict(meta["config"], self.config, True, where)
+        except (TypeError, ValueError) as e:
+            raise OnlineSpecError(f"{where} has a bad config ({e}); {fix}") from e
         u = meta["updater"]
-        updater = make_updater(u["name"], **u["options"])
-        updater.attach(self.draft)
-        utensors = {k[len("updater."):]: v for k, v in tensors.items() if k.startswith("updater.")}
+        require(u["name"] in REGISTRY, f"{where} uses updater {u['name']!r}, which this OnlineSpec does "
+                                       f"not have (available: {', '.join(REGISTRY)}); {fix}")
         try:
-            updater.load_state(utensors, u["state"])
-        except Exception as e:
-            raise OnlineSpecError(f"updater state in {str(path)!r} is corrupt or from another "
-                                  f"version ({e}); {fix}") from e
-        self.updater, self.updater_name, self.updater_options = updater, u["name"], u["options"]
-        self.generator.set_state(tensors["rng"].cpu())
-        self.draft.invalidate()
+            updater = make_updater(u["name"], **u["options"])
+        except OnlineSpecError as e:
+            raise OnlineSpecError(f"{where} has bad updater options: {e}") from e
+        tensors = st.tensors or {}
+        rng = tensors.get("rng")
+        require(rng is not None and rng.dtype == torch.uint8 and rng.dim() == 1,
+                f"{where} is corrupt (no valid RNG state in state.safetensors); {fix}")
+        try:
+            torch.Generator(device=self.device).set_state(rng.cpu())
+        except (RuntimeError, TypeError) as e:
+            raise OnlineSpecError(f"{where} is corrupt (RNG state: {e}); {fix}") from e
+        assert st.draft is not None
+        draft = self.draft
+        self.updater.detach()
+        backup = {k: v.detach().clone() for k, v in draft.module.state_dict().items()}
+        utensors = {k[len("updater."):]: v.to(self.device) for k, v in tensors.items() if k.startswith("updater.")}
+        try:
+            state_fmt.load_weights(draft.module, st.draft, where, fix)  # checks before writing
+            updater.attach(draft)
+            try:
+                updater.load_state(utensors, u["state"])
+            except OnlineSpecError:
+                raise
+            except Exception as e:
+                raise OnlineSpecError(f"{where}: the updater state is corrupt or from another version "
+                                      f"({type(e).__name__}: {str(e)[:200]}); {fix}") from e
+        except BaseException:
+            with torch.no_grad():  # roll back
+                for k, v in draft.module.state_dict().items():
+                    v.copy_(backup[k])
+            draft.invalidate()
+            raise
+        self.config, self.round_index = cfg, meta["round_index"]
+        self.updater, self.updater_name, self.updater_options = updater, u["name"], dict(u["options"])
+        self.generator.set_state(rng.cpu())
+        draft.invalidate()
 
 
 def _topic_prompt(item: Any) -> tuple[str | None, Any]:
@@ -411,10 +533,3 @@ def _topic_prompt(item: Any) -> tuple[str | None, Any]:
         return item[0], item[1]
     return None, item
 
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -12,8 +12,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_dir_atomically as _atomic_dir
-from .errors import OnlineSpecError, require
+from .atomic import write_dir_atomically
+from .errors import require
+from .state import DRAFT, META, SavedState, load_weights, read_state
+
+
+def _atomic_dir(out_dir: str | os.PathLike, write: Any) -> Path:
+    return write_dir_atomically(out_dir, write, kind="export")
 
 PROVENANCE = "onlinespec_export.json"
 
@@ -26,26 +31,21 @@ def _save_tokenizer(base: str | None, tokenizer: Any, tmp: Path) -> None:
         tokenizer.save_pretrained(str(tmp))
 
 
-def _read_state(state_dir: Path) -> dict[str, Any]:
-    fix = "pass the folder engine.save_state(path) wrote (it holds state.json and draft.safetensors)"
-    require(state_dir.is_dir(), f"saved state {str(state_dir)!r} does not exist or is not a folder; {fix}")
-    for name in ("state.json", "draft.safetensors"):
-        require((state_dir / name).is_file(), f"saved state {str(state_dir)!r} is incomplete ({name} missing); {fix}")
-    try:
-        return json.loads((state_dir / "state.json").read_text())
-    except ValueError as e:
-        raise OnlineSpecError(f"saved state {str(state_dir)!r} has a corrupt state.json ({e}); {fix}") from e
+READ_FIX = "pass the folder engine.save_state(path) wrote (it holds state.json and draft.safetensors)"
+
+
+def _read_state(state_dir: Path) -> SavedState:
+    return read_state(state_dir, (META, DRAFT), READ_FIX)
 
 
 def export_draft(state_dir: str | os.PathLike, out_dir: str | os.PathLike, base: str | None = None,
                  dtype: str = "float32") -> Path:
     """Evolved lm draft of a saved state -> HF model dir. base: the draft the run started from
     (config + tokenizer); default: the one recorded in the state, or the demo draft."""
-    from safetensors.torch import load_model
-
     from .models import DEMO_DIR, load_causal_lm
     state_dir = Path(state_dir)
-    meta = _read_state(state_dir)
+    saved = _read_state(state_dir)
+    meta = saved.meta
     kind = meta.get("draft_kind")
     require(kind == "lm", f"the saved draft is an {kind!r} head, not a causal LM: only 'lm' drafts export as "
                           "a Hugging Face model dir; use engine.draft.save(path) for eagle/hydra heads")
@@ -54,11 +54,9 @@ def export_draft(state_dir: str | os.PathLike, out_dir: str | os.PathLike, base:
     require(base is not None, "this state does not record which draft it started from; pass "
                               "--base DRAFT_DIR (the draft model dir given to load_pair)")
     model = load_causal_lm(str(base), "draft", "cpu", dtype)
-    try:
-        load_model(model, str(state_dir / "draft.safetensors"), strict=True)
-    except Exception as e:
-        raise OnlineSpecError(f"the saved draft weights do not fit the base draft {base!r} ({str(e)[:200]}); "
-                              "pass --base with the draft the run was started from") from e
+    assert saved.draft is not None
+    load_weights(model, saved.draft, f"{str(state_dir)!r} (base draft {str(base)!r})",
+                 "pass --base with the draft the run was started from")
 
     def write(tmp: Path) -> None:
         model.save_pretrained(str(tmp), safe_serialization=True)

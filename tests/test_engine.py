@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import onlinespec_core as osc
-from onlinespec_core import engine as engine_mod
+from onlinespec_core import state as state_mod
 from onlinespec_core.metrics import Metrics, expected_tau, speedup_bound
 from onlinespec_core.streams import StreamItem, from_text, interleave_topics, topics_in_order
 
@@ -122,7 +122,7 @@ def test_crash_mid_save_keeps_old_state(tmp_path, llama_pair, monkeypatch):
 
     def boom(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr(engine_mod, "save_file", boom)
+    monkeypatch.setattr(state_mod, "save_file", boom)
     eng.generate("abc", max_new_tokens=4)
     with pytest.raises(OSError):
         eng.save_state(tmp_path / "s")

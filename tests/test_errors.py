@@ -94,7 +94,7 @@ def test_corrupt_saved_state(tmp_path, llama_pair):
         eng.load_state(state)
     state = eng.save_state(tmp_path / "state")
     (state / "draft.safetensors").write_bytes(b"garbage")
-    with pytest.raises(OnlineSpecError, match="do not fit this draft"):
+    with pytest.raises(OnlineSpecError, match="draft.safetensors does not match its manifest"):
         eng.load_state(state)
     (state / "draft.safetensors").unlink()
     with pytest.raises(OnlineSpecError, match=r"incomplete \(draft.safetensors missing\)"):

@@ -57,12 +57,22 @@ def test_export_live_engine(evolved, tmp_path):
 def test_export_errors(tmp_path, capsys):
     with pytest.raises(osc.OnlineSpecError, match="does not exist"):
         export_draft(tmp_path / "nope", tmp_path / "out")
-    (tmp_path / "s").mkdir()
-    (tmp_path / "s" / "state.json").write_text(json.dumps({"draft_kind": "eagle"}))
-    (tmp_path / "s" / "draft.safetensors").write_bytes(b"")
+    from safetensors.torch import save
+
+    from onlinespec_core.atomic import write_manifest
+
+    def fake_state(kind: str) -> None:
+        (tmp_path / "s").mkdir(exist_ok=True)
+        meta = {"version": 2, "config": {}, "round_index": 0, "draft_kind": kind,
+                "updater": {"name": "frozen", "options": {}, "state": {}},
+                "fingerprint": {"target": "", "draft": ""}}
+        (tmp_path / "s" / "state.json").write_text(json.dumps(meta))
+        (tmp_path / "s" / "draft.safetensors").write_bytes(save({}))
+        write_manifest(tmp_path / "s", "state")
+    fake_state("eagle")
     with pytest.raises(osc.OnlineSpecError, match="not a causal LM"):
         export_draft(tmp_path / "s", tmp_path / "out")
-    (tmp_path / "s" / "state.json").write_text(json.dumps({"draft_kind": "lm"}))
+    fake_state("lm")
     assert cli(["export-draft", str(tmp_path / "s"), "--out", str(tmp_path / "out")]) == 2
     assert "--base" in capsys.readouterr().err
 
