@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from . import fast
 from .drafts.base import Draft, Proposal, crop_cache
 from .feedback import Round
 from .sampling import SamplingConfig, logits_to_probs, sample
@@ -30,12 +31,31 @@ class DecodeState:
     """One sequence being decoded: ids so far and the target's KV cache (holds seq[:-1] or less)."""
     seq: torch.Tensor  # [L] long
     prompt_len: int
-    cache: DynamicCache
+    cache: DynamicCache | fast.KVCache  # new_target_cache(target)
     hidden_start: int = 0  # sequence position of the first hidden state handed to the draft
 
     @property
     def new_tokens(self) -> list[int]:
         return self.seq[self.prompt_len:].tolist()
+
+
+def new_target_cache(target: PreTrainedModel) -> DynamicCache | fast.KVCache:
+    """The fast path's O(1)-crop cache, else an HF cache whose every layer can roll back."""
+    lean = fast.lean_of(target)
+    return lean.new_cache() if lean is not None else fast.full_cache()
+
+
+def target_forward(target: PreTrainedModel, ids: torch.Tensor, cache, keep: int,
+                   need_hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ids [n] appended to cache -> (logits [keep, V], last hidden states [n, H] fp32 or None)."""
+    lean = fast.lean_of(target)
+    if lean is not None and isinstance(cache, fast.KVCache):
+        logits, hidden = lean.forward(ids, cache, keep, need_hidden)
+    else:
+        out = target(input_ids=ids[None], cache=cache, use_cache=True, logits_to_keep=keep,
+                     output_hidden_states=need_hidden)
+        logits, hidden = out.logits[0, -keep:], out.hidden_states[-1][0] if need_hidden else None
+    return logits, hidden.float() if hidden is not None else None
 
 
 def sync(device: torch.device) -> None:
@@ -49,11 +69,8 @@ def verify(target: PreTrainedModel, state: DecodeState, drafted: torch.Tensor, c
     """Score every drafted position and one more in a single target forward."""
     k = drafted.numel()
     pending = state.seq[state.cache.get_seq_length():]
-    ids = torch.cat([pending, drafted])[None]
-    out = target(input_ids=ids, cache=state.cache, use_cache=True, logits_to_keep=k + 1,
-                 output_hidden_states=need_hidden)
-    logits = out.logits[0, -(k + 1):]
-    hidden = out.hidden_states[-1][0].float() if need_hidden else None
+    ids = torch.cat([pending, drafted])
+    logits, hidden = target_forward(target, ids, state.cache, k + 1, need_hidden)
     return Verification(logits, logits_to_probs(logits, cfg), hidden)
 
 
@@ -97,6 +114,7 @@ def run_round(target: PreTrainedModel, draft: Draft | None, state: DecodeState, 
     t0 = time.perf_counter()
     if k > 0:
         prop = draft.propose(state.seq, k, cfg, generator)
+        k = int(prop.tokens.numel())  # a draft may propose fewer (ngram: no match -> none)
     else:
         prop = Proposal(state.seq.new_empty(0), torch.empty(0), torch.empty(0))
     sync(device)

@@ -40,6 +40,24 @@ def make_model(arch: str, vocab: int, hidden: int = 64, layers: int = 2, seed: i
     elif arch == "gpt2":
         cfg = GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=512, **common)
         model = GPT2LMHeadModel(cfg)
+    elif arch == "gemma2":  # alternating sliding-window (8 tokens) and full-attention layers
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+        cfg = Gemma2Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+                           sliding_window=8, max_position_embeddings=512, **common)
+        model = Gemma2ForCausalLM(cfg)
+    elif arch == "mistral":
+        from transformers import MistralConfig, MistralForCausalLM
+        cfg = MistralConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                            sliding_window=None, **common)
+        model = MistralForCausalLM(cfg)
+    elif arch == "phi3":
+        from transformers import Phi3Config, Phi3ForCausalLM
+        cfg = Phi3Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         **common)
+        model = Phi3ForCausalLM(cfg)
     else:
         raise ValueError(arch)
     # sharpen the random init a little so greedy paths are not all near-ties

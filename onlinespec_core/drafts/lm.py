@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from .. import fast
 from ..feedback import Round
 from ..sampling import SamplingConfig, logits_to_probs, sample
 from .base import Proposal, crop_cache, pad_vocab
@@ -21,7 +22,7 @@ class LMDraft:
         self.module = model
         self.vocab_size = vocab_size or model.config.vocab_size  # the target's vocab size
         self.train_window = train_window  # context tokens re-read when computing the online loss
-        self.cache: DynamicCache | None = None
+        self.cache: DynamicCache | fast.KVCache | None = None
         self.cached: torch.Tensor | None = None  # ids the cache holds, to detect a changed prefix
 
     @property
@@ -36,15 +37,25 @@ class LMDraft:
         """Weights changed: cached keys/values no longer match the model."""
         self.reset()
 
+    @property
+    def lean(self) -> fast.LeanLM | None:
+        """The fast path's forward over the live weights (fast.enable(model, frozen=False))."""
+        return fast.lean_of(self.model)
+
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=ids[None], cache=self.cache, use_cache=True, logits_to_keep=1)
-        return pad_vocab(out.logits[0, -1], self.vocab_size)
+        if isinstance(self.cache, fast.KVCache):
+            logits = self.lean.forward(ids, self.cache, 1)[0][-1]
+        else:
+            logits = self.model(input_ids=ids[None], cache=self.cache, use_cache=True,
+                                logits_to_keep=1).logits[0, -1]
+        return pad_vocab(logits, self.vocab_size)
 
     @torch.inference_mode()
     def propose(self, seq: torch.Tensor, k: int, cfg: SamplingConfig,
                 generator: torch.Generator | None) -> Proposal:
         if self.cache is None:
-            self.cache = DynamicCache(config=self.model.config)
+            lean = self.lean
+            self.cache = lean.new_cache() if lean is not None else fast.full_cache()
         n_cached = self.cache.get_seq_length()
         pending = seq[n_cached:]
         tokens, logits, probs = [], [], []

@@ -1,0 +1,132 @@
+"""The fast decode path (onlinespec_core.fast) is exact: greedy output equals plain HF fp32
+generate, token for token, on both paths and for more families than Llama/Qwen2/GPT-2
+(Gemma-2's sliding-window layers included), and the online draft's fast form sees every update."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import onlinespec_core as osc
+from onlinespec_core import decoding, fast
+from onlinespec_core.models import set_fast
+from tests.tiny import make_model
+
+PROMPTS = ["d", "def add(a, b):", "Tom has 3 apples and buys 4 more. How many apples does he have?" * 2]
+ARCHS = ["llama", "qwen2", "gpt2", "mistral", "gemma2", "phi3"]
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory, tokenizer):
+    out = {}
+    for arch in ARCHS:
+        root = tmp_path_factory.mktemp(f"fast-{arch}")
+        for role, hidden, layers, seed in (("target", 64, 2, 1), ("draft", 32, 1, 2)):
+            m = make_model(arch, len(tokenizer), hidden=hidden, layers=layers, seed=seed)
+            m.save_pretrained(root / role, safe_serialization=True)
+            tokenizer.save_pretrained(root / role)
+        out[arch] = (root / "target", root / "draft")
+    return out
+
+
+def plain_greedy(target_dir, ids, n, eos=None):
+    """The reference: a fresh HF fp32 model, never touched by the fast path."""
+    model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n, eos_token_id=eos,
+                         pad_token_id=2, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("use_fast", [True, False])
+def test_greedy_equals_plain_hf_on_both_paths(family_dirs, arch, use_fast):
+    t, d = family_dirs[arch]
+    pair = osc.load_pair(target=str(t), draft=str(d), fast=use_fast)
+    assert pair.fast == use_fast
+    assert (fast.lean_of(pair.target) is not None) == (use_fast and arch in ("llama", "qwen2", "mistral"))
+    for prompt in PROMPTS:
+        ids = pair.tokenizer(prompt)["input_ids"]
+        ref = plain_greedy(t, ids, 24)
+        for k in (1, 3, 8):
+            out = osc.Engine(pair, k=k).generate(ids, max_new_tokens=24)
+            assert out.token_ids == ref, (arch, use_fast, prompt, k)
+        assert osc.Engine(pair, k=0).generate(ids, 24, target_only=True).token_ids == ref
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
+def test_fast_eos_and_budget_mid_round(family_dirs, arch):
+    t, _ = family_dirs[arch]
+    pair = osc.load_pair(target=str(t), draft=str(t))  # target as its own draft: long rounds
+    ids = pair.tokenizer("def add(a, b):")["input_ids"]
+    ref = plain_greedy(t, ids, 40)
+    eos = ref[9]
+    pair.target.generation_config.eos_token_id = eos
+    out = osc.Engine(pair, k=8).generate(ids, max_new_tokens=40)
+    assert out.token_ids == ref[: ref.index(eos) + 1]
+    pair.target.generation_config.eos_token_id = 1
+    for n in (1, 5, 13):
+        assert osc.Engine(pair, k=8).generate(ids, max_new_tokens=n).token_ids == ref[:n]
+
+
+def test_kv_cache_crop_is_a_move_and_grows():
+    c = fast.KVCache(n_layers=2, n_kv=1, head_dim=4, dtype=torch.float32, device=torch.device("cpu"),
+                     capacity=4)
+    for step in range(3):
+        k = torch.full((1, 3, 4), float(step))
+        c.reserve(c.length + 3)
+        c.write(0, k, k)
+        c.write(1, k, k)
+        c.length += 3
+    assert c.get_seq_length() == 9 and c.capacity >= 9  # grew past 4, kept what it held
+    c.crop(-4)
+    assert c.get_seq_length() == 5
+    c.crop(7)  # a positive count keeps that many (never more than held)
+    assert c.get_seq_length() == 5
+    c.reserve(6)
+    ks, _ = c.write(0, torch.full((1, 1, 4), 9.0), torch.zeros(1, 1, 4))
+    assert ks.shape[1] == 6 and ks[0, :3].eq(0).all() and ks[0, 3:5].eq(1).all() and ks[0, 5].eq(9).all()
+
+
+def test_lean_forward_matches_hf_logits_and_hidden(family_dirs):
+    t, _ = family_dirs["qwen2"]  # q/k/v biases
+    pair = osc.load_pair(target=str(t), draft=str(t))
+    ref = AutoModelForCausalLM.from_pretrained(t, dtype=torch.float32).eval()
+    ids = torch.tensor(pair.tokenizer(PROMPTS[2])["input_ids"])
+    with torch.inference_mode():
+        want = ref(input_ids=ids[None], output_hidden_states=True)
+        cache = decoding.new_target_cache(pair.target)
+        a, ha = decoding.target_forward(pair.target, ids[:-5], cache, 1, True)
+        b, hb = decoding.target_forward(pair.target, ids[-5:], cache, 5, True)
+    assert isinstance(cache, fast.KVCache)
+    torch.testing.assert_close(torch.cat([a, b]), torch.cat([want.logits[0, -6:-5], want.logits[0, -5:]]),
+                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.cat([ha, hb]), want.hidden_states[-1][0], atol=1e-4, rtol=1e-4)
+
+
+def test_online_draft_fast_form_sees_every_update(family_dirs):
+    t, d = family_dirs["llama"]
+    pair = osc.load_pair(target=str(t), draft=str(d))
+    draft = pair.draft
+    assert draft.lean is not None
+    opt = torch.optim.SGD(draft.module.parameters(), lr=0.5)
+    ids = torch.tensor(pair.tokenizer("def add(a, b):")["input_ids"])
+    for _ in range(2):
+        loss = draft.model(input_ids=ids[None]).logits.square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        with torch.inference_mode():
+            want = draft.model(input_ids=ids[None]).logits[0, -1]
+            got = draft.lean.forward(ids, draft.lean.new_cache(), 1)[0][-1]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_set_fast_off_restores_plain_hf_modules(family_dirs):
+    t, d = family_dirs["gpt2"]  # generic path: Conv1D / Linear forwards replaced in place
+    pair = osc.load_pair(target=str(t), draft=str(d))
+    assert pair.fast and fast.is_fast(pair.target)
+    assert any("forward" in vars(m) for m in pair.target.modules())
+    assert set_fast(pair, False) is False
+    assert not fast.is_fast(pair.target) and not any("forward" in vars(m) for m in pair.target.modules())
+    ids = pair.tokenizer("def add(a, b):")["input_ids"]
+    assert osc.Engine(pair, k=3).generate(ids, 20).token_ids == plain_greedy(t, ids, 20)
