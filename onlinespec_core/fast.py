@@ -230,6 +230,35 @@ class LeanLM:
         return self.lm_head(hidden[-keep:]), (hidden if need_hidden else None)
 
 
+    def forward_after(self, ids: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        """Training form (grad on): logits [n, V] of ids [n] at positions start.., attending to
+        the cache's keys/values of positions < start as constants (no gradient flows into the
+        context: its K/V are the ones the proposal computed with these same weights)."""
+        n = ids.numel()
+        x = self.embed(ids)
+        pos = torch.arange(start, start + n, device=ids.device)[None]
+        cos, sin = self.rotary(x[None], pos)
+        cos, sin = cos[0], sin[0]
+        mask = torch.ones(n, start + n, dtype=torch.bool, device=ids.device).tril(diagonal=start)
+        for li, lay in enumerate(self.layers):
+            h = rms_norm(x, lay.in_norm, self.eps)
+            q, k, v = self._qkv(lay, h)
+            q = rotate(q.view(n, self.n_heads, self.head_dim).transpose(0, 1), cos, sin)
+            k = rotate(k.view(n, self.n_kv, self.head_dim).transpose(0, 1), cos, sin)
+            v = v.view(n, self.n_kv, self.head_dim).transpose(0, 1)
+            ks = torch.cat([cache.k[li][:, :start].clone(), k], dim=1)  # clone: out of inference mode
+            vs = torch.cat([cache.v[li][:, :start].clone(), v], dim=1)
+            att = F.scaled_dot_product_attention(q[None], ks[None], vs[None], attn_mask=mask,
+                                                 scale=self.scale, enable_gqa=self.n_kv != self.n_heads)
+            x = x + lay.o(att[0].transpose(0, 1).reshape(n, -1))
+            x = x + self._mlp(lay, rms_norm(x, lay.post_norm, self.eps))
+        return self.lm_head(rms_norm(x, self.norm.weight, self.eps))
+
+    def weights_version(self) -> int:
+        """Changes whenever any weight is written in place (optimizer steps, load_state)."""
+        return sum(p._version for p in self.model.parameters())
+
+
 def pack_linears(model: nn.Module) -> int:
     """Generic fast path for any frozen HF model: every nn.Linear / Conv1D forward runs through a
     PackedLinear (tied lm_head included: it packs the shared weight). Returns how many."""

@@ -130,3 +130,24 @@ def test_set_fast_off_restores_plain_hf_modules(family_dirs):
     assert not fast.is_fast(pair.target) and not any("forward" in vars(m) for m in pair.target.modules())
     ids = pair.tokenizer("def add(a, b):")["input_ids"]
     assert osc.Engine(pair, k=3).generate(ids, 20).token_ids == plain_greedy(t, ids, 20)
+
+
+def test_online_step_reads_the_proposal_cache_not_the_context(family_dirs):
+    """train_logits on the fast path feeds only the drafted positions (context K/V from the
+    proposal's cache) and gives the same logits as re-reading the context tail."""
+    t, d = family_dirs["llama"]
+    pair = osc.load_pair(target=str(t), draft=str(d))
+    eng = osc.Engine(pair, k=4, keep_distributions=True)
+    rounds = [r for r in eng.generate("def add(a, b): return", 24).rounds if r.k > 0]
+    draft = pair.draft
+    last = rounds[-1]
+    assert draft._cached_context(last)
+    fast_logits = draft.train_logits(last)
+    draft.reuse_cache = False
+    slow_logits = draft.train_logits(last)
+    torch.testing.assert_close(fast_logits, slow_logits, atol=1e-4, rtol=1e-4)
+    assert fast_logits.requires_grad
+    draft.reuse_cache = True
+    with torch.no_grad():  # any weight write makes the cached K/V stale: fall back to the re-read
+        next(draft.module.parameters()).mul_(1.0)
+    assert not draft._cached_context(last)

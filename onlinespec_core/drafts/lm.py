@@ -23,7 +23,9 @@ class LMDraft:
         self.vocab_size = vocab_size or model.config.vocab_size  # the target's vocab size
         self.train_window = train_window  # context tokens re-read when computing the online loss
         self.cache: DynamicCache | fast.KVCache | None = None
-        self.cached: torch.Tensor | None = None  # ids the cache holds, to detect a changed prefix
+        self.cached: torch.Tensor | None = None  # the sequence the cache was filled from
+        self.cache_version: int | None = None  # weights_version() when the cache was (re)filled
+        self.reuse_cache = True  # train_logits: attend to the proposal's cached context K/V
 
     @property
     def device(self) -> torch.device:
@@ -32,6 +34,7 @@ class LMDraft:
     def reset(self) -> None:
         self.cache = None
         self.cached = None
+        self.cache_version = None
 
     def invalidate(self) -> None:
         """Weights changed: cached keys/values no longer match the model."""
@@ -56,6 +59,8 @@ class LMDraft:
         if self.cache is None:
             lean = self.lean
             self.cache = lean.new_cache() if lean is not None else fast.full_cache()
+            self.cache_version = lean.weights_version() if lean is not None else None
+        self.cached = seq
         n_cached = self.cache.get_seq_length()
         pending = seq[n_cached:]
         tokens, logits, probs = [], [], []
@@ -73,9 +78,25 @@ class LMDraft:
                hidden_start: int = 0) -> None:
         crop_cache(self.cache, valid_len)
 
+    def _cached_context(self, rnd: Round) -> bool:
+        """The cache holds this round's context (positions < context_len - 1), computed with the
+        current weights: then only the drafted positions need a forward with grad."""
+        c, tail, lean = self.cache, rnd.context_tail, self.lean
+        if not (self.reuse_cache and isinstance(c, fast.KVCache) and lean is not None
+                and self.cached is not None and tail is not None and tail.numel() > 0):
+            return False
+        L = rnd.context_len
+        if c.length < L - 1 or self.cached.numel() < L or self.cache_version != lean.weights_version():
+            return False
+        return torch.equal(self.cached[L - tail.numel():L].to(tail.device), tail)
+
     def train_logits(self, rnd: Round) -> torch.Tensor:
         # q_i conditions on context + x_1..x_{i-1}: feed the context tail and drafted[:-1]
         assert rnd.context_tail is not None
+        if self._cached_context(rnd):
+            drafted = torch.tensor(rnd.drafted[:-1], dtype=torch.long, device=self.device)
+            ids = torch.cat([rnd.context_tail[-1:].to(self.device), drafted])
+            return pad_vocab(self.lean.forward_after(ids, self.cache, rnd.context_len - 1), self.vocab_size)
         drafted = torch.tensor(rnd.drafted[:-1], dtype=torch.long, device=rnd.context_tail.device)
         ids = torch.cat([rnd.context_tail, drafted])[None].to(self.device)
         start = rnd.context_len - rnd.context_tail.numel()  # same positions as at drafting time

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
@@ -60,10 +61,28 @@ class GradConfig:
         require(self.feature_weight >= 0, f"{name}: feature_weight must be >= 0")
 
 
+def _typed(default: Any, v: Any) -> str | None:
+    """What v must be (from the field's default type), or None when it fits."""
+    if isinstance(default, bool):
+        return None if isinstance(v, bool) else "True or False"
+    if isinstance(default, int):
+        return None if isinstance(v, int) and not isinstance(v, bool) else "an integer"
+    if isinstance(default, float):
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        return None if ok else "a finite number"
+    if isinstance(default, str):
+        return None if isinstance(v, str) else "a string"
+    return None
+
+
 def parse_options(cls: type, options: dict[str, Any], name: str):
     names = [f.name for f in fields(cls)]
     bad = sorted(set(options) - set(names))
     require(not bad, f"updater {name!r} has no option(s) {bad}; valid options: {', '.join(names)}")
+    for f in fields(cls):
+        if f.name in options and f.default is not dataclasses.MISSING:
+            want = _typed(f.default, options[f.name])
+            require(want is None, f"updater {name!r}: {f.name} must be {want}, got {options[f.name]!r}")
     try:
         cfg = cls(**options)
     except TypeError as e:
@@ -109,7 +128,8 @@ def make_optimizer(kind: str, tensors: list[torch.Tensor], lr: float, momentum: 
                    weight_decay: float = 0.0) -> torch.optim.Optimizer:
     if kind == "sgd":
         return torch.optim.SGD(tensors, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    return torch.optim.Adam(tensors, lr=lr, weight_decay=weight_decay)
+    # fused: one kernel over all tensors (the per-tensor loop was ~1/4 of an update step here)
+    return torch.optim.Adam(tensors, lr=lr, weight_decay=weight_decay, fused=True)
 
 
 def optimizer_step(opt: torch.optim.Optimizer, masters: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
@@ -246,8 +266,10 @@ class GradientUpdater:
 
     # -- protocol --
     def attach(self, draft: Draft) -> None:
-        self.draft = draft
-        self.params = trainable(draft.module)
+        params = trainable(draft.module)
+        require(all_finite(params), f"{self.name}: the draft's weights contain NaN or inf, so the guard "
+                                    "would restore broken weights; reload the draft before training it")
+        self.draft, self.params = draft, params
         self.init_weights()
 
     def detach(self) -> None:
