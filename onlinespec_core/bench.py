@@ -1,10 +1,18 @@
 """`onlinespec bench`: side-by-side runs on the same prompts, in one process, interleaved.
 
 Runs (each repetition starts every draft from the same initial weights):
-  target_ar      plain autoregressive decoding through the engine (k = 0): the baseline
-  hf_assisted    Hugging Face assisted generation, target.generate(assistant_model=draft)
-  frozen         the engine with the offline draft, never updated
-  <updater>      the engine with each registered online updater
+  target_ar         plain autoregressive decoding through the engine (k = 0): the baseline
+  hf_assisted       Hugging Face assisted generation, target.generate(assistant_model=draft), with
+                    HF's own schedule (num_assistant_tokens=20, heuristic/dynamic adjustments)
+  hf_assisted_k     the same pinned to k: num_assistant_tokens=k, constant schedule, no
+                    confidence early stop
+  hf_prompt_lookup  HF prompt lookup decoding, target.generate(prompt_lookup_num_tokens=k)
+                    (n-gram match against the current prompt + output only, no draft model)
+  ngram             the engine with the ngram draft: suffix match against the current sequence
+                    and an index of every earlier sequence in the stream (grows online, no
+                    gradient; --ngram-option KEY=VALUE sets its options)
+  frozen            the engine with the offline draft, never updated
+  <updater>         the engine with each registered online updater
 Prompt i is run by every method before prompt i+1 (the order rotates per prompt), so a noisy
 machine slows all methods alike; warm-up runs are excluded from timing.
 
@@ -29,11 +37,16 @@ from typing import Any, Callable, Protocol
 import torch
 
 from .errors import require
+from .sampling import SamplingConfig
 from .runner import (add_pair_args, load_items, load_pair_from_args, machine_info, parse_options,
                      parse_value)
 
 AR, HF, HF_AR = "target_ar", "hf_assisted", "hf_target_only"
+HF_K, HF_PL, NGRAM = "hf_assisted_k", "hf_prompt_lookup", "ngram"
 EXTRA_METHODS = (HF_AR,)  # only when asked for with --methods
+HF_METHODS = (HF, HF_K, HF_PL, HF_AR)
+QUICK = {"limit": 1, "max_new_tokens": 32, "reps": 1, "warmup_tokens": 8}  # --quick
+DEFAULTS = {"limit": 2, "max_new_tokens": 64, "reps": 2, "warmup_tokens": 16}  # a few minutes
 
 
 @dataclass
@@ -47,8 +60,12 @@ class BenchConfig:
     updater_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     engine_options: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields, every engine run
     cost_tokens: int = 48  # decode steps per cost measurement (c)
-    bookkeeping_prompts: int = 4  # prompts for the target-as-its-own-draft overhead run
+    bookkeeping_prompts: int = 4  # prompts for the target-as-its-own-draft overhead run (0: skip)
     progress: bool = True
+    temperature: float = 0.0  # 0 = greedy; > 0: sampling for every method (engine and HF)
+    top_p: float = 1.0
+    ngram_options: dict[str, Any] = field(default_factory=dict)  # NgramDraft options for 'ngram'
+    desc: str = ""  # progress bar label
 
 
 @dataclass
@@ -58,12 +75,14 @@ class PromptResult:
     token_ids: list[int]
     wall_s: float
     forwards: int  # target forward passes
-    drafted: int = 0  # draft forward passes (= drafted tokens)
+    drafted: int = 0  # draft forward passes (= drafted tokens for an lm draft; 0 for lookups)
     tau_sum: int = 0  # tokens emitted (= sum of accepted + 1 over rounds, less any cut at EOS)
     update_s: float = 0.0
     bookkeeping_s: float = 0.0
     draft_s: float = 0.0
     verify_s: float = 0.0
+    proposed: int = 0  # draft tokens sent to the target for verification
+    accepted: int = 0  # of those, accepted
 
 
 class Method(Protocol):
@@ -100,10 +119,19 @@ class EngineMethod:
         out = self.engine.generate(ids, max_new_tokens, target_only=self.target_only)
         wall = time.perf_counter() - t0
         rs = out.rounds
-        return PromptResult("", out.token_ids, wall, len(rs), sum(r.k for r in rs),
+        proposed = sum(r.k for r in rs)
+        lookup = getattr(self.engine.draft, "trainable", True) is False  # no draft forwards
+        return PromptResult("", out.token_ids, wall, len(rs), 0 if lookup else proposed,
                             len(out.token_ids), sum(r.update_s for r in rs),
                             sum(r.bookkeeping_s for r in rs), sum(r.draft_s for r in rs),
-                            sum(r.verify_s for r in rs))
+                            sum(r.verify_s for r in rs), proposed, sum(r.accepted for r in rs))
+
+
+def ngram_pair(pair, options: dict[str, Any] | None = None):
+    """The pair with an ngram draft (fresh, empty index) in place of its draft."""
+    from .drafts.ngram import load_ngram_draft
+    return dataclasses.replace(pair, draft=load_ngram_draft(pair.target, **(options or {})),
+                               draft_kind="ngram", draft_source=None)
 
 
 class _Counter:
@@ -115,12 +143,54 @@ class _Counter:
         self.n += 1
 
 
-class HFMethod:
-    """target.generate, greedy, with (assisted) or without an assistant model."""
+class _CandidateCounter:
+    """Counts the candidate tokens HF's candidate generators propose and the matches it reports
+    (get_candidates / update_candidate_strategy), for the acceptance rate."""
 
-    def __init__(self, name: str, pair, assisted: bool) -> None:
+    def __init__(self) -> None:
+        from transformers.generation import candidate_generator as cg
+        self.classes = [c for c in (cg.CandidateGenerator, getattr(cg, "AssistedCandidateGenerator", None),
+                                    getattr(cg, "PromptLookupCandidateGenerator", None)) if c is not None]
+        self.proposed = self.accepted = 0
+        self.saved: list[tuple[type, str, Any]] = []
+
+    def __enter__(self) -> "_CandidateCounter":
+        for cls in self.classes:
+            for attr in ("get_candidates", "update_candidate_strategy"):
+                if attr in vars(cls):
+                    self.saved.append((cls, attr, vars(cls)[attr]))
+                    setattr(cls, attr, self._wrap(attr, vars(cls)[attr]))
+        return self
+
+    def _wrap(self, attr: str, fn: Callable) -> Callable:
+        counter = self
+
+        def get_candidates(gen, input_ids, *a, **kw):
+            out = fn(gen, input_ids, *a, **kw)
+            counter.proposed += int(out[0].shape[-1] - input_ids.shape[-1])
+            return out
+
+        def update_candidate_strategy(gen, input_ids, scores, num_matches, *a, **kw):
+            counter.accepted += int(num_matches)
+            return fn(gen, input_ids, scores, num_matches, *a, **kw)
+        return get_candidates if attr == "get_candidates" else update_candidate_strategy
+
+    def __exit__(self, *exc: Any) -> None:
+        for cls, attr, fn in reversed(self.saved):
+            setattr(cls, attr, fn)
+        self.saved = []
+
+
+class HFMethod:
+    """target.generate, greedy or sampling: with an assistant model (HF's schedule, or pinned to
+    k with a constant schedule), with prompt lookup (k tokens), or target-only."""
+
+    def __init__(self, name: str, pair, assisted: bool, k: int = 4, pinned: bool = False,
+                 prompt_lookup: bool = False, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0) -> None:
         self.name, self.pair = name, pair
         self.assistant = None
+        self.seed, self.calls = seed, 0
         if assisted:
             model = getattr(pair.draft, "model", None)
             require(isinstance(model, torch.nn.Module) and hasattr(model, "generate"),
@@ -128,11 +198,22 @@ class HFMethod:
                     f"this pair's draft is {getattr(pair.draft, 'kind', None)!r}: leave hf_assisted "
                     "out of --methods")
             self.assistant = clone_pair(pair).draft.model  # its own copy: HF adapts its settings
+            if pinned:  # the same k as the engine: constant schedule, no confidence early stop
+                gc = self.assistant.generation_config = copy.deepcopy(self.assistant.generation_config)
+                gc.num_assistant_tokens = k
+                gc.num_assistant_tokens_schedule = "constant"
+                gc.assistant_confidence_threshold = 0.0
         tok = pair.tokenizer
         eos = pair.target.generation_config.eos_token_id
         pad = tok.pad_token_id if tok.pad_token_id is not None else (
             eos[0] if isinstance(eos, (list, tuple)) else eos)
-        self.kw = dict(do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=eos)
+        self.kw: dict[str, Any] = dict(num_beams=1, pad_token_id=pad, eos_token_id=eos)
+        if temperature > 0:  # the engine's sampling: temperature, top-p, no top-k
+            self.kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        else:
+            self.kw.update(do_sample=False)
+        if prompt_lookup:
+            self.kw["prompt_lookup_num_tokens"] = k
 
     @torch.inference_mode()
     def run(self, ids: list[int], max_new_tokens: int) -> PromptResult:
@@ -140,43 +221,61 @@ class HFMethod:
         kw = dict(self.kw, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens)
         if self.assistant is not None:
             kw["assistant_model"] = self.assistant
+        if self.kw.get("do_sample"):
+            torch.manual_seed(self.seed * 1_000_003 + self.calls)  # reproducible samples
+        self.calls += 1
         tc = _Counter(self.pair.target)
         dc = _Counter(self.assistant) if self.assistant is not None else None
         try:
-            t0 = time.perf_counter()
-            out = self.pair.target.generate(x, **kw)
-            wall = time.perf_counter() - t0
+            with _CandidateCounter() as cc:
+                t0 = time.perf_counter()
+                out = self.pair.target.generate(x, **kw)
+                wall = time.perf_counter() - t0
         finally:
             tc.handle.remove()
             if dc is not None:
                 dc.handle.remove()
         new = out[0, len(ids):].tolist()
-        return PromptResult("", new, wall, tc.n, dc.n if dc else 0, len(new))
+        return PromptResult("", new, wall, tc.n, dc.n if dc else 0, len(new),
+                            proposed=cc.proposed, accepted=cc.accepted)
 
 
 def default_methods(pair) -> list[str]:
     from .updaters import available_updaters
     names = [AR]
     if pair.draft is not None and hasattr(pair.draft, "model"):
-        names.append(HF)
+        names += [HF, HF_K]
+    names += [HF_PL]
+    if getattr(pair.draft, "kind", None) != "ngram":
+        names.append(NGRAM)
     ups = available_updaters()
+    if pair.draft is None:
+        return names
+    if getattr(pair.draft, "trainable", True) is False:  # a lookup draft: nothing to update
+        return names + ["frozen"]
     return names + (["frozen"] if "frozen" in ups else []) + [u for u in ups if u != "frozen"]
 
 
 def check_methods(names: list[str]) -> None:
     from .updaters import available_updaters
-    known = [AR, HF, *EXTRA_METHODS, *available_updaters()]
+    known = [AR, HF, HF_K, HF_PL, NGRAM, *EXTRA_METHODS, *available_updaters()]
     for n in names:
         require(n in known, f"unknown bench method {n!r}; choose from {', '.join(known)}")
 
 
 def make_method(name: str, pair, cfg: BenchConfig) -> Method:
+    eopts = {**cfg.engine_options, "temperature": cfg.temperature, "top_p": cfg.top_p}
     if name == AR:
-        return EngineMethod(name, pair, cfg.k, cfg.seed, target_only=True, engine_options=cfg.engine_options)
-    if name in (HF, HF_AR):
-        return HFMethod(name, pair, assisted=name == HF)
+        return EngineMethod(name, pair, cfg.k, cfg.seed, target_only=True, engine_options=eopts)
+    if name in HF_METHODS:
+        return HFMethod(name, pair, assisted=name in (HF, HF_K), k=cfg.k, pinned=name == HF_K,
+                        prompt_lookup=name == HF_PL, temperature=cfg.temperature, top_p=cfg.top_p,
+                        seed=cfg.seed)
+    if name == NGRAM:
+        return EngineMethod(name, ngram_pair(pair, cfg.ngram_options), cfg.k, cfg.seed,
+                            engine_options=eopts)
     return EngineMethod(name, pair, cfg.k, cfg.seed, updater=name,
-                        options=cfg.updater_options.get(name, {}), engine_options=cfg.engine_options)
+                        options=cfg.updater_options.get(name, {}), engine_options=eopts)
 
 
 # ---- measurements outside the runs --------------------------------------------------------------
@@ -252,7 +351,8 @@ def run_bench(pair, items, cfg: BenchConfig, log: Callable[[str], None] = print)
     results: dict[str, list[list[PromptResult]]] = {n: [] for n in names}  # name -> rep -> prompts
     from tqdm.auto import tqdm
     bar = tqdm(total=cfg.reps * len(prompts) * len(names), unit="run", disable=not cfg.progress,
-               dynamic_ncols=True)
+               dynamic_ncols=True, desc=cfg.desc or None,
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} runs [{elapsed}, ETA {remaining}{postfix}]")
     for rep in range(cfg.reps):
         methods = {n: make_method(n, pair, cfg) for n in names}  # fresh drafts each repetition
         for n in names:
@@ -267,7 +367,8 @@ def run_bench(pair, items, cfg: BenchConfig, log: Callable[[str], None] = print)
         bar.set_postfix(rep=rep + 1)
     bar.close()
     longest = sorted(range(len(prompts)), key=lambda i: -len(results[AR][0][i].token_ids))  # no EOS-at-once prompts
-    bk = measure_bookkeeping(pair, [prompts[i] for i in sorted(longest[: cfg.bookkeeping_prompts])], cfg)
+    bk = (measure_bookkeeping(pair, [prompts[i] for i in sorted(longest[: cfg.bookkeeping_prompts])], cfg)
+          if cfg.bookkeeping_prompts > 0 and pair.draft is not None else None)
     runs = summarize(results, names, cfg, cost.get("c"))
     machine["loadavg_end"] = machine_info()["loadavg"]
     return {"runs": runs, "machine": machine, "cost": cost, "bookkeeping_target_as_draft": bk,
@@ -296,6 +397,8 @@ class Totals:
     bookkeeping_s: float = 0.0
     draft_s: float = 0.0
     verify_s: float = 0.0
+    proposed: int = 0
+    accepted: int = 0
 
     def add(self, r: PromptResult) -> None:
         self.tokens += len(r.token_ids)
@@ -307,6 +410,8 @@ class Totals:
         self.bookkeeping_s += r.bookkeeping_s
         self.draft_s += r.draft_s
         self.verify_s += r.verify_s
+        self.proposed += r.proposed
+        self.accepted += r.accepted
 
     @property
     def tokens_per_s(self) -> float:
@@ -359,23 +464,28 @@ def summarize(results: dict[str, list[list[PromptResult]]], names: list[str], cf
             "target_forwards_per_token": t0.forwards / t0.tokens if t0.tokens else 0.0,
             "tokens": t0.tokens, "wall_s": [t.wall_s for t in tot],
             "drafted_per_forward": t0.drafted / t0.forwards if t0.forwards else 0.0,
-            "matches_target": [r.token_ids for r in results[n][0]] == ar_ids,
+            "proposed_per_forward": statistics.mean(t.proposed / t.forwards if t.forwards else 0.0 for t in tot),
+            "acceptance": (statistics.mean(t.accepted / t.proposed for t in tot)
+                           if all(t.proposed for t in tot) else None),
+            # greedy: output identical to target_ar's; sampling: None (tests check the distribution)
+            "matches_target": [r.token_ids for r in results[n][0]] == ar_ids if cfg.temperature == 0 else None,
         }
         if HF in results:
             run["speedup_vs_hf_assisted"] = statistics.median(tps(n, r) / tps(HF, r) for r in reps)
         if n not in (AR, HF_AR):
-            if n != HF:
+            if n not in HF_METHODS:
                 run["bookkeeping_fraction"] = statistics.median(t.bookkeeping_s / t.wall_s for t in tot)
             if c is not None:  # the ideal speedup for this tau and this many drafts per forward
                 run["bound"] = run["tau"] / (1 + run["drafted_per_forward"] * c)
                 run["fraction_of_bound"] = run["speedup_vs_ar"] / run["bound"]
-            if n != HF and t0.drafted and ar_s_per_forward:
-                run["c_in_engine"] = (t0.draft_s / t0.drafted) / ar_s_per_forward
+            if n not in HF_METHODS and t0.proposed and ar_s_per_forward:
+                run["c_in_engine"] = (t0.draft_s / t0.proposed) / ar_s_per_forward
                 run["verify_cost_vs_ar_forward"] = (t0.verify_s / t0.forwards) / ar_s_per_forward
                 # the same bound with the costs as measured in the engine: a verify of k+1 tokens
-                # costs v target steps (not 1) and a drafted token c_in_engine of one
+                # costs v target steps (not 1) and a drafted token c_in_engine of one (for a
+                # lookup draft: its lookup time per proposed token)
                 run["bound_measured_costs"] = run["tau"] / (run["verify_cost_vs_ar_forward"] +
-                                                            run["drafted_per_forward"] * run["c_in_engine"])
+                                                            t0.proposed / t0.forwards * run["c_in_engine"])
         after = [_totals(results[n][r], skip_topic=first).tau for r in reps]
         if len(topics) > 1:
             run["tau_after_shift"] = statistics.mean(after)
@@ -398,22 +508,26 @@ def _f(x: Any, fmt: str = ".2f", suffix: str = "") -> str:
 def markdown_tables(report: dict[str, Any]) -> str:
     runs, topics = report["runs"], report["topics"]
     cfg, cost, m = report["config"], report["cost"], report["machine"]
-    lines = [f"k = {cfg['k']}, {report['n_prompts']} prompts x {cfg['max_new_tokens']} new tokens, greedy, "
+    temp = cfg.get("temperature") or 0.0
+    mode = "greedy" if not temp else f"sampling (temperature {temp:g}, top-p {cfg.get('top_p', 1.0):g})"
+    lines = [f"k = {cfg['k']}, {report['n_prompts']} prompts x {cfg['max_new_tokens']} new tokens, {mode}, "
              f"{cfg['reps']} repetitions (median; min..max), {m['torch_threads']} torch thread(s) on "
              f"{m['cpu_count']} cores; c = {_f(cost.get('c'), '.3f')} "
              f"(draft {_f(cost.get('draft_ms_per_token'))} ms / target {_f(cost.get('target_ms_per_token'))} ms "
              "per token)", "",
-             "| method | tau | tokens/s | speedup vs AR | vs HF assisted | bound tau/(1+kc) | % of bound "
-             "| bound tau/(v+kc') | update fraction | lossless |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | tau | acceptance | tokens/s | speedup vs AR | vs HF assisted | bound tau/(1+kc) "
+             "| % of bound | bound tau/(v+kc') | update fraction | lossless |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         tr = r["tokens_per_s_reps"]
         frac = r.get("fraction_of_bound")
+        lossless = {True: "yes", False: "NO", None: "-"}[r.get("matches_target")]
         lines.append(
-            f"| {r['name']} | {r['tau']:.2f} | {r['tokens_per_s']:.1f} ({tr['min']:.1f}..{tr['max']:.1f}) "
+            f"| {r['name']} | {r['tau']:.2f} | {_f(r.get('acceptance'), '.2f')} "
+            f"| {r['tokens_per_s']:.1f} ({tr['min']:.1f}..{tr['max']:.1f}) "
             f"| {r['speedup_vs_ar']:.2f}x | {_f(r.get('speedup_vs_hf_assisted'), '.2f', 'x')} "
             f"| {_f(r.get('bound'), '.2f', 'x')} | {_f(None if frac is None else 100 * frac, '.0f', '%')} "
-            f"| {_f(r.get('bound_measured_costs'), '.2f', 'x')} | {r['update_fraction']:.3f} | {'yes' if r['matches_target'] else 'NO'} |")
+            f"| {_f(r.get('bound_measured_costs'), '.2f', 'x')} | {r['update_fraction']:.3f} | {lossless} |")
     lines += ["", "tau / speedup vs AR per topic (in stream order):", "",
               "| method | " + " | ".join(topics) + " | after first shift |",
               "|---|" + "---|" * (len(topics) + 1)]
@@ -423,13 +537,35 @@ def markdown_tables(report: dict[str, Any]) -> str:
         rel = r.get("tau_after_shift_vs_frozen")
         cells.append("-" if after is None else f"{after:.2f}" + ("" if rel is None else f" ({rel:.2f}x frozen)"))
         lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
-    lines += ["", "v = cost of one verify (k+1 tokens) / one target-only step and c' = cost of one drafted "
-                  "token / one target-only step, both as measured inside the engine runs."]
+    lines += ["", "acceptance = accepted / proposed draft tokens. v = cost of one verify (k+1 tokens) / one "
+                  "target-only step and c' = cost of one drafted token / one target-only step, both as "
+                  "measured inside the engine runs (c = 0 for lookup methods: no draft model)."]
     b = report.get("bookkeeping_target_as_draft")
     if b:
         lines += ["", f"Target as its own draft (tau {b['tau']:.2f}): bookkeeping {100 * b['bookkeeping_fraction']:.1f}% "
                       f"of wall ({b['bookkeeping_ms_per_round']:.2f} ms/round), outside rounds "
                       f"{100 * b['outside_rounds_fraction']:.1f}%."]
+    return "\n".join(lines)
+
+
+def sampling_table(report: dict[str, Any]) -> str:
+    """tau / acceptance / speedup per method, one column group per sampling run (report["sampling"])."""
+    runs = report.get("sampling") or []
+    if not runs:
+        return ""
+    heads = [f"T={s['config']['temperature']:g}, top-p {s['config']['top_p']:g}" for s in runs]
+    lines = ["| method | " + " | ".join(f"{h}: tau / acceptance / speedup vs AR" for h in heads) + " |",
+             "|---|" + "---|" * len(runs)]
+    for name in runs[0]["config"]["methods"]:
+        cells = []
+        for s in runs:
+            r = next((x for x in s["runs"] if x["name"] == name), None)
+            cells.append("-" if r is None else
+                         f"{r['tau']:.2f} / {_f(r.get('acceptance'), '.2f')} / {r['speedup_vs_ar']:.2f}x")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    s0 = runs[0]
+    lines += ["", f"{s0['n_prompts']} prompts x {s0['config']['max_new_tokens']} new tokens, "
+                  f"{s0['config']['reps']} repetition(s) per setting; the same seeds for every method."]
     return "\n".join(lines)
 
 
@@ -449,14 +585,30 @@ def build_argparser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="onlinespec bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_pair_args(ap)
+    ap.set_defaults(limit=None, max_new_tokens=None)  # filled from the preset (see --quick)
     ap.add_argument("--methods", default=None,
-                    help=f"comma-separated runs (default: {AR},{HF},frozen,<every registered updater>; "
-                         f"also {', '.join(EXTRA_METHODS)})")
+                    help=f"comma-separated runs (default: {AR},{HF},{HF_K},{HF_PL},{NGRAM},frozen,"
+                         f"<every registered updater>; also {', '.join(EXTRA_METHODS)})")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke preset: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items())
+                         + " (explicit flags win). Without it: "
+                         + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEFAULTS.items())
+                         + "; --limit 0 = every prompt")
+    ap.add_argument("--ngram-option", action="append", metavar="KEY=VALUE", default=[],
+                    help="ngram draft option for the 'ngram' run: max_n, min_n, max_index_tokens, "
+                         "use_stream, backend (python|arctic)")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="main run: 0 = greedy (the lossless check), > 0 = sampling for every method")
+    ap.add_argument("--top-p", type=float, default=1.0, help="top-p for the sampling runs")
+    ap.add_argument("--sampling-temperatures", default=None, metavar="T1,T2",
+                    help="extra sampling runs after the main run (e.g. 0.7,1.0 with --top-p 0.95): "
+                         "tau / acceptance / speedup per method in one more table")
+    ap.add_argument("--sampling-reps", type=int, default=1, help="repetitions of each sampling run")
     ap.add_argument("--updater-option", action="append", metavar="UPDATER:KEY=VALUE", default=[])
     ap.add_argument("--engine-option", action="append", metavar="KEY=VALUE", default=[],
                     help="EngineConfig field for every engine run, e.g. refresh_draft_cache=false")
-    ap.add_argument("--reps", type=int, default=3, help="repetitions of the whole stream")
-    ap.add_argument("--warmup-tokens", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=None, help="repetitions of the whole stream")
+    ap.add_argument("--warmup-tokens", type=int, default=None)
     ap.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON")
     ap.add_argument("--table", action="store_true", help="print paper-style Markdown tables")
     ap.add_argument("--no-progress", action="store_true")
@@ -465,6 +617,21 @@ def build_argparser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_argparser().parse_args(argv)
+    preset = QUICK if args.quick else DEFAULTS
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.limit == 0:
+        args.limit = None  # every prompt of the stream
+    temps = [float(t) for t in args.sampling_temperatures.split(",") if t.strip()] \
+        if args.sampling_temperatures else []
+    for t in [args.temperature, *temps]:
+        SamplingConfig(t, 0, args.top_p)  # validates
+    require(all(t > 0 for t in temps), "--sampling-temperatures must all be > 0 (the main run is the greedy one)")
+    nopts = parse_options(args.ngram_option)
+    if nopts:
+        from .drafts.ngram import NgramDraft
+        NgramDraft(vocab_size=2, **nopts)  # bad options fail before the models load
     from .updaters import make_updater
     opts = parse_scoped_options(args.updater_option)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
@@ -486,14 +653,24 @@ def main(argv: list[str] | None = None) -> int:
     cfg = BenchConfig(k=args.k, max_new_tokens=args.max_new_tokens, reps=args.reps,
                       warmup_tokens=args.warmup_tokens, seed=args.seed, methods=methods,
                       updater_options=opts, engine_options=eopts,
-                      progress=not args.no_progress)
-    report = run_bench(pair, items, cfg, log=lambda s: print(s, file=sys.stderr))
+                      progress=not args.no_progress, temperature=args.temperature, top_p=args.top_p,
+                      ngram_options=nopts, desc="greedy" if args.temperature == 0 else f"T={args.temperature:g}")
+    log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    report = run_bench(pair, items, cfg, log=log)
+    report["sampling"] = []
+    for t in temps:
+        scfg = dataclasses.replace(cfg, temperature=t, reps=args.sampling_reps, bookkeeping_prompts=0,
+                                   desc=f"T={t:g}")
+        report["sampling"].append(run_bench(pair, items, scfg, log=log))
     report["command"] = "onlinespec bench " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))
     if args.table:
         print(markdown_tables(report))
+        if report["sampling"]:
+            print("\nSampling runs:\n")
+            print(sampling_table(report))
     else:
         for r in report["runs"]:
             print(f"{r['name']:>16}: tau {r['tau']:.2f}  {r['tokens_per_s']:.1f} tok/s  "

@@ -22,6 +22,7 @@ DRAFT_LOADERS: dict[str, str] = {
     "lm": "lm:load_lm_draft",
     "eagle": "eagle:load_eagle_draft",
     "hydra": "hydra:load_hydra_draft",
+    "ngram": "ngram:load_ngram_draft",
 }
 
 

@@ -48,7 +48,7 @@ def parse_options(pairs: list[str] | None) -> dict[str, Any]:
 def add_pair_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--pair", default="demo", help="'demo' (embedded pair) or a target model DIR / hub id")
     ap.add_argument("--draft", default=None, help="draft model DIR / hub id (default: the demo draft)")
-    ap.add_argument("--draft-kind", default="lm", choices=("lm", "eagle", "hydra"))
+    ap.add_argument("--draft-kind", default="lm", choices=("lm", "eagle", "hydra", "ngram"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--stream", default="shift", help="bundled stream name (e.g. shift) or a JSONL file")

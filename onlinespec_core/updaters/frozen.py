@@ -23,7 +23,8 @@ class FrozenUpdater:
         self.draft = draft
 
     def observe(self, rnd: Round) -> bool:
-        rnd.loss = online_loss(rnd)  # f_t(w_t) from the proposal logits: no extra forward
+        # f_t(w_t) from the proposal logits: no extra forward (none for a one-hot lookup draft)
+        rnd.loss = online_loss(rnd) if getattr(self.draft, "trainable", True) else None
         return False
 
     def detach(self) -> None:
