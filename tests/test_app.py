@@ -156,7 +156,7 @@ def test_controls_work_after_the_baseline(qtbot, win):
 
 
 def test_close_mid_run_shuts_down(qtbot, win):
-    win.setup.max_new.setValue(2000)
+    win.setup.max_new.setValue(480)
     win.start()
     qtbot.waitUntil(lambda: win.rounds_seen >= 2, timeout=WAIT)
     assert win.thread.isRunning() and win.state == "running"
@@ -167,7 +167,7 @@ def test_close_mid_run_shuts_down(qtbot, win):
 def test_close_mid_update_shuts_down(qtbot, win):
     win.setup.updater.name.setCurrentText("ensemble")
     win.setup.updater.options.setText("every=1, batch=2")
-    win.setup.max_new.setValue(2000)
+    win.setup.max_new.setValue(480)
     win.start()
     qtbot.waitUntil(lambda: win.rounds_seen >= 2, timeout=WAIT)
     win.close()  # most of each round is the ensemble's update here
