@@ -103,6 +103,8 @@ class KVCache:
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     # HF Llama/Qwen2: w * (x / sqrt(mean(x^2) + eps)) in fp32, cast back before the weight
+    if x.dtype == torch.float32 and w.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), w, eps)  # one fused op, same math
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return w * xf.to(x.dtype)
@@ -154,6 +156,9 @@ class LeanLM:
         self.eps = c.rms_norm_eps
         self.act = ACT2FN[c.hidden_act]
         self.rotary = model.model.rotary_emb
+        # static RoPE kinds: cos/sin depend on the position only -> one table, indexed per call
+        self.rope_table = getattr(self.rotary, "rope_type", "default") in ("default", "linear", "llama3", "yarn")
+        self._cos = self._sin = None
         self.scale = self.head_dim ** -0.5
         self.layers = [self._layer(lay) for lay in model.model.layers]
         head = model.get_output_embeddings()
@@ -183,6 +188,19 @@ class LeanLM:
     def device(self) -> torch.device:
         return self.embed.weight.device
 
+    def rope(self, x: torch.Tensor, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [n, D] for positions start..start+n-1 (HF's rotary module computes them)."""
+        if not self.rope_table:
+            pos = torch.arange(start, start + n, device=x.device)[None]
+            cos, sin = self.rotary(x[None], pos)
+            return cos[0], sin[0]
+        if self._cos is None or self._cos.shape[0] < start + n:
+            cap = max(512, 2 * (start + n))
+            with torch.inference_mode(False), torch.no_grad():
+                cos, sin = self.rotary(x[None].detach(), torch.arange(cap, device=x.device)[None])
+            self._cos, self._sin = cos[0], sin[0]
+        return self._cos[start:start + n], self._sin[start:start + n]
+
     def new_cache(self, capacity: int = 256) -> KVCache:
         return KVCache(len(self.layers), self.n_kv, self.head_dim, self.embed.weight.dtype,
                        self.device, capacity)
@@ -208,9 +226,7 @@ class LeanLM:
         n, start = ids.numel(), cache.length
         cache.reserve(start + n)
         x = self.embed(ids)  # [n, H]
-        pos = torch.arange(start, start + n, device=ids.device)[None]
-        cos, sin = self.rotary(x[None], pos)
-        cos, sin = cos[0], sin[0]
+        cos, sin = self.rope(x, start, n)
         # query i (position start+i) sees keys 0..start+i
         mask = None if n == 1 else torch.ones(n, start + n, dtype=torch.bool,
                                                device=ids.device).tril(diagonal=start)
@@ -236,9 +252,7 @@ class LeanLM:
         context: its K/V are the ones the proposal computed with these same weights)."""
         n = ids.numel()
         x = self.embed(ids)
-        pos = torch.arange(start, start + n, device=ids.device)[None]
-        cos, sin = self.rotary(x[None], pos)
-        cos, sin = cos[0], sin[0]
+        cos, sin = self.rope(x, start, n)
         mask = torch.ones(n, start + n, dtype=torch.bool, device=ids.device).tril(diagonal=start)
         for li, lay in enumerate(self.layers):
             h = rms_norm(x, lay.in_norm, self.eps)

@@ -151,3 +151,43 @@ def test_online_step_reads_the_proposal_cache_not_the_context(family_dirs):
     with torch.no_grad():  # any weight write makes the cached K/V stale: fall back to the re-read
         next(draft.module.parameters()).mul_(1.0)
     assert not draft._cached_context(last)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_cost_table_measures_both_paths(family_dirs, arch):
+    from onlinespec_core.costs import cost_table, format_cost_table
+    t, d = family_dirs[arch]
+    pair = osc.load_pair(target=str(t), draft=str(d))
+    prompts = [pair.tokenizer(p)["input_ids"] for p in PROMPTS[1:]]
+    table = cost_table(pair, prompts, k=3, reps=1, max_new_tokens=8, update_rows=(8,))
+    for path in ("fast", "hf"):
+        m = table[path]
+        assert all(m[f"t{n}_ms"] > 0 for n in (1, 2, 5, 9)) and m["v1"] == 1.0
+        assert m["draft_step_ms"] > 0 and m["update8_ms"] > 0 and m["update8_rows"] >= 8
+        assert m["break_even_tau"] == pytest.approx(m["round_ms"] / m["ar_ms_per_token"])
+    assert table["hf_generate_tok_s"] > 0 and set(table["ratios"]) >= {"ar_fast_vs_hf_generate", "v5_fast_vs_hf_step"}
+    assert pair.fast  # the pair is left on the path it was on
+    text = format_cost_table(table)
+    assert "break-even tau" in text and "fast" in text and "hf" in text
+
+
+def test_bench_cli_no_fast_and_costs_only(family_dirs, capsys):
+    from onlinespec_core import bench
+    t, d = family_dirs["llama"]
+    assert bench.main(["--pair", str(t), "--draft", str(d), "--stream", str(_stream(t)), "--k", "2",
+                       "--max-new-tokens", "6", "--costs", "only", "--cost-reps", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "break-even tau" in out and "| fast | hf" in out
+    args = bench.build_argparser().parse_args(["--no-fast"])
+    assert args.fast is False
+    from onlinespec_core.runner import load_pair_from_args
+    args = bench.build_argparser().parse_args(["--pair", str(t), "--draft", str(d), "--no-fast"])
+    assert load_pair_from_args(args).fast is False
+
+
+def _stream(root):
+    import json
+    p = root.parent / "stream.jsonl"
+    p.write_text("\n".join(json.dumps({"topic": tp, "prompt": pr}) for tp, pr in
+                           (("code", "def add(a, b):"), ("math", "Tom has 3 apples")) * 2) + "\n")
+    return p
