@@ -11,6 +11,8 @@ Runs (each repetition starts every draft from the same initial weights):
   ngram             the engine with the ngram draft: suffix match against the current sequence
                     and an index of every earlier sequence in the stream (grows online, no
                     gradient; --ngram-option KEY=VALUE sets its options)
+  ngram_arctic      the same with the stream part on arctic-inference's SuffixDecoding suffix
+                    tree (frequency-ranked continuations; needs `pip install arctic-inference`)
   frozen            the engine with the offline draft, never updated
   <updater>         the engine with each registered online updater
 Prompt i is run by every method before prompt i+1 (the order rotates per prompt), so a noisy
@@ -42,8 +44,8 @@ from .runner import (add_pair_args, load_items, load_pair_from_args, machine_inf
                      parse_value)
 
 AR, HF, HF_AR = "target_ar", "hf_assisted", "hf_target_only"
-HF_K, HF_PL, NGRAM = "hf_assisted_k", "hf_prompt_lookup", "ngram"
-EXTRA_METHODS = (HF_AR,)  # only when asked for with --methods
+HF_K, HF_PL, NGRAM, NGRAM_ARCTIC = "hf_assisted_k", "hf_prompt_lookup", "ngram", "ngram_arctic"
+EXTRA_METHODS = (HF_AR, NGRAM_ARCTIC)  # only when asked for with --methods
 HF_METHODS = (HF, HF_K, HF_PL, HF_AR)
 QUICK = {"limit": 1, "max_new_tokens": 32, "reps": 1, "warmup_tokens": 8}  # --quick
 DEFAULTS = {"limit": 2, "max_new_tokens": 64, "reps": 2, "warmup_tokens": 16}  # a few minutes
@@ -259,6 +261,9 @@ def default_methods(pair) -> list[str]:
 def check_methods(names: list[str]) -> None:
     from .updaters import available_updaters
     known = [AR, HF, HF_K, HF_PL, NGRAM, *EXTRA_METHODS, *available_updaters()]
+    if NGRAM_ARCTIC in names:
+        from .drafts.ngram import _ArcticStream
+        _ArcticStream(4, 16)  # a clear error now when arctic-inference is missing
     for n in names:
         require(n in known, f"unknown bench method {n!r}; choose from {', '.join(known)}")
 
@@ -271,9 +276,9 @@ def make_method(name: str, pair, cfg: BenchConfig) -> Method:
         return HFMethod(name, pair, assisted=name in (HF, HF_K), k=cfg.k, pinned=name == HF_K,
                         prompt_lookup=name == HF_PL, temperature=cfg.temperature, top_p=cfg.top_p,
                         seed=cfg.seed)
-    if name == NGRAM:
-        return EngineMethod(name, ngram_pair(pair, cfg.ngram_options), cfg.k, cfg.seed,
-                            engine_options=eopts)
+    if name in (NGRAM, NGRAM_ARCTIC):
+        opts = {**cfg.ngram_options, **({"backend": "arctic"} if name == NGRAM_ARCTIC else {})}
+        return EngineMethod(name, ngram_pair(pair, opts), cfg.k, cfg.seed, engine_options=eopts)
     return EngineMethod(name, pair, cfg.k, cfg.seed, updater=name,
                         options=cfg.updater_options.get(name, {}), engine_options=eopts)
 
@@ -375,7 +380,7 @@ def run_bench(pair, items, cfg: BenchConfig, log: Callable[[str], None] = print)
             "topics": _topics(items), "n_prompts": len(items),
             "config": {**dataclasses.asdict(cfg), "methods": names, "pair": pair.name,
                        "target": pair.target_source, "draft": pair.draft_source,
-                       "draft_kind": pair.draft_kind}}
+                       "draft_kind": pair.draft_kind, "fast": getattr(pair, "fast", False)}}
 
 
 def _topics(items) -> list[str]:
@@ -612,6 +617,9 @@ def build_argparser() -> argparse.ArgumentParser:
     ap.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON")
     ap.add_argument("--table", action="store_true", help="print paper-style Markdown tables")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--costs", choices=("on", "off", "only"), default="on",
+                    help="the cost table (fast path vs plain HF, same run): on (default), off, or only it")
+    ap.add_argument("--cost-reps", type=int, default=3, help="interleaved repetitions of the cost table")
     return ap
 
 
@@ -656,7 +664,21 @@ def main(argv: list[str] | None = None) -> int:
                       progress=not args.no_progress, temperature=args.temperature, top_p=args.top_p,
                       ngram_options=nopts, desc="greedy" if args.temperature == 0 else f"T={args.temperature:g}")
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    costs = None
+    if args.costs != "off":
+        from .costs import cost_table, format_cost_table
+        log("cost table: fast path vs plain HF, interleaved")
+        cost_prompts = [pair.tokenizer(it.prompt)["input_ids"] for it in items[:: max(1, len(items) // 4)][:4]]
+        costs = cost_table(pair, cost_prompts, k=args.k, reps=args.cost_reps,
+                           max_new_tokens=min(32, args.max_new_tokens))
+        print(format_cost_table(costs))
+        if args.costs == "only":
+            if args.json:
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps({"costs": costs, "machine": machine_info()}, indent=2))
+            return 0
     report = run_bench(pair, items, cfg, log=log)
+    report["costs"] = costs
     report["sampling"] = []
     for t in temps:
         scfg = dataclasses.replace(cfg, temperature=t, reps=args.sampling_reps, bookkeeping_prompts=0,

@@ -126,3 +126,15 @@ def test_one_hot_proposal():
     assert prop.tokens.tolist() == [3, 1, 2, 3]
     assert torch.equal(prop.probs.sum(-1), torch.ones(4)) and prop.probs[0, 3] == 1.0
     assert prop.logits[0, 3] == 0.0 and torch.isinf(prop.logits[0, 0])
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("arctic_inference"),
+                    reason="arctic-inference is not installed (optional backend)")
+def test_arctic_backend_is_lossless(pair_dirs):
+    t, _ = pair_dirs["qwen2"]
+    pair = ngram_pair(t, backend="arctic")
+    eng = osc.Engine(pair, k=4)
+    for prompt in PROMPTS + PROMPTS:
+        ids = pair.tokenizer(prompt)["input_ids"]
+        assert eng.generate(ids, max_new_tokens=20).token_ids == hf_greedy(pair.target, ids, 20)
+    assert pair.draft.stats()["sequences"] == 6 and pair.draft.hits["stream"] > 0

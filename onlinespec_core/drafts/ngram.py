@@ -150,7 +150,7 @@ class NgramDraft:
     needs_hidden = False
     trainable = False  # no weights: online updaters other than 'frozen' do not apply
 
-    def __init__(self, vocab_size: int, max_n: int = 6, min_n: int = 1,
+    def __init__(self, vocab_size: int, max_n: int = 6, min_n: int = 2,
                  max_index_tokens: int = 65_536, use_stream: bool = True,
                  backend: str = "python") -> None:
         require(isinstance(min_n, int) and isinstance(max_n, int) and 1 <= min_n <= max_n <= 64,
