@@ -297,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--head-layers", type=int, default=None, help="hydra residual blocks per head (default 1)")
     g.add_argument("--prefix", action="store_true", help="hydra: add the prefix decoder layer (Hydra++)")
     g.add_argument("--feature-noise", type=float, default=None, help="eagle: uniform input-feature noise")
+    g.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                   help="eagle/hydra: after training, draft only over the N most frequent tokens of "
+                        "--data (EAGLE-3's reduced vocabulary; saved with the head)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -321,7 +324,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg.validate()
     pair = load_for_training(args.kind, args.target, args.init, args.device, args.dtype,
                              args.hidden, args.layers, args.seed, **opts)
+    if args.draft_vocab is not None and args.kind == "lm":
+        raise OnlineSpecError("--draft-vocab is for eagle/hydra heads (they read the target's lm_head)")
     res = warm_up(pair, args.data, cfg, progress=not args.quiet)
+    if args.draft_vocab is not None:
+        from .drafts.features import top_tokens
+        pair.draft.set_vocab(top_tokens(load_tokens(args.data, pair.tokenizer), args.draft_vocab,
+                                        pair.target.config.vocab_size, tuple(pair.eos_ids)))
     out = save_draft(pair, args.out, args.save_dtype)
     n_params = sum(p.numel() for p in pair.draft.module.parameters() if p.requires_grad)
     report = {"kind": args.kind, "target": args.target, "data": args.data, "params": n_params,

@@ -191,3 +191,32 @@ def _stream(root):
     p.write_text("\n".join(json.dumps({"topic": tp, "prompt": pr}) for tp, pr in
                            (("code", "def add(a, b):"), ("math", "Tom has 3 apples")) * 2) + "\n")
     return p
+
+
+@pytest.mark.parametrize("kind", ["eagle", "hydra"])
+def test_feature_heads_fast_lm_head_and_reduced_vocab_stay_lossless(family_dirs, tmp_path, kind):
+    """Eagle/Hydra read tokens through the target's fast lm_head; with a reduced draft vocabulary
+    (N most frequent ids) they never propose outside it, greedy output is still the target's,
+    and the vocabulary survives save/load."""
+    from onlinespec_core.drafts.features import top_tokens
+    from onlinespec_core.training import warm_up
+    t, _ = family_dirs["llama"]
+    pair = osc.load_pair(target=str(t), draft=None, draft_kind=kind)
+    data = torch.tensor(pair.tokenizer(" ".join(PROMPTS) * 8)["input_ids"])
+    warm_up(pair, data, steps=30, batch_size=2, seq_len=16)
+    ids = pair.tokenizer(PROMPTS[1])["input_ids"]
+    ref = plain_greedy(t, ids, 20)
+    assert osc.Engine(pair, k=3).generate(ids, 20).token_ids == ref
+    vocab = top_tokens(data, 40, pair.target.config.vocab_size, tuple(pair.eos_ids))
+    pair.draft.set_vocab(vocab)
+    out = osc.Engine(pair, k=3).generate(ids, 20)
+    assert out.token_ids == ref
+    allowed = set(vocab.tolist())
+    assert all(x in allowed for r in out.rounds for x in r.drafted)
+    pair.draft.save(tmp_path / "head")
+    again = osc.load_pair(target=str(t), draft=str(tmp_path / "head"), draft_kind=kind)
+    assert again.draft.vocab_ids == sorted(allowed)
+    assert osc.Engine(again, k=3).generate(ids, 20).token_ids == ref
+    eng = osc.Engine(again, k=3, updater="ogd")  # the online losses drop the columns outside it
+    eng.generate(ids, 20)
+    assert eng.updater.stats()["updates"] >= 1 and eng.updater.stats()["skipped"] == 0

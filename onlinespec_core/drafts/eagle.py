@@ -15,14 +15,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from ..errors import OnlineSpecError
+from ..fast import full_cache
 from ..feedback import Round
 from ..sampling import SamplingConfig, logits_to_probs, sample
 from .base import Proposal, crop_cache
-from .features import (FeatureDraft, saved_head_options, FeatureSeq, Record, family_body, load_weights, plain,
-                       run_body, tail_features)
+from .features import (FeatureDraft, FeatureSeq, Record, family_body, load_weights, plain,
+                       read_head_config, run_body, saved_head_options, tail_features)
 
 
 @dataclass
@@ -74,7 +75,7 @@ class EagleDraft(FeatureDraft):
         feats = self.feats.view(n) if n else seq.new_empty(0, self.hidden_size, dtype=torch.float32)
         c = min(self.cache_real, max(n - 1, 0))  # re-feed >= 1 real position to get its output
         if self.cache is None or c == 0:
-            self.cache, c = DynamicCache(config=self.module.body.config), 0
+            self.cache, c = full_cache(), 0
         crop_cache(self.cache, c)
         emb_next = self._embed(seq[1:])  # e(x_{t+1}) for t = 0..L-2
         if n:
@@ -225,4 +226,7 @@ def load_eagle_draft(target: PreTrainedModel, source: Any, tokenizer: Any, devic
     if source is not None:
         load_weights(module, source)
     module.eval().requires_grad_(True)
-    return EagleDraft(target, module, cfg)
+    draft = EagleDraft(target, module, cfg)
+    if source is not None:
+        draft.set_vocab(read_head_config(source, "eagle").get("vocab_ids"))  # reduced vocabulary, if saved
+    return draft

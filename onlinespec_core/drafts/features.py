@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
 
-from ..errors import OnlineSpecError
+from ..errors import OnlineSpecError, require
 from .base import pad_vocab
 
 CONFIG_NAME = "draft_config.json"
@@ -50,13 +50,33 @@ def final_norm(model: nn.Module) -> nn.Module | None:
 
 
 class Readout:
-    """Frozen target parts, held outside draft.module so updaters never train them."""
+    """Frozen target parts, held outside draft.module so updaters never train them.
+
+    Tokens are read through the target's lm_head: its fast-path form (W^T stored once) when the
+    target has one, or, with a reduced draft vocabulary (EAGLE-3), only the rows of the N most
+    frequent tokens: z = f W_S^T scattered into [V] with -inf elsewhere (q(x) = 0 outside S,
+    which rejection sampling handles exactly)."""
 
     def __init__(self, target: PreTrainedModel) -> None:
+        self.target = target
         self.embed = target.get_input_embeddings()
         self.lm_head = target.get_output_embeddings()
         self.vocab_size = target.config.vocab_size
         self.norm = None if features_are_normed(target) else final_norm(target)
+        self.subset: torch.Tensor | None = None  # draft vocabulary (sorted target ids) or None
+        self._sub: Any = None
+
+    def set_vocab(self, ids: torch.Tensor | None) -> None:
+        from ..fast import PackedLinear
+        if ids is None:
+            self.subset = self._sub = None
+            return
+        ids = torch.as_tensor(ids, dtype=torch.long).unique().to(self.lm_head.weight.device)
+        require(ids.numel() > 0 and int(ids.min()) >= 0 and int(ids.max()) < self.vocab_size,
+                f"draft vocabulary ids must be in 0..{self.vocab_size - 1}")
+        b = self.lm_head.bias
+        self.subset = ids
+        self._sub = PackedLinear(self.lm_head.weight.detach()[ids], None if b is None else b.detach()[ids])
 
     @property
     def dtype(self) -> torch.dtype:
@@ -70,7 +90,24 @@ class Readout:
         x = feat.to(self.lm_head.weight.device, self.dtype)
         if self.norm is not None:
             x = self.norm(x)
-        return pad_vocab(self.lm_head(x).float(), self.vocab_size)
+        if self.subset is not None:
+            z = self._sub(x).float()
+            full = z.new_full((*z.shape[:-1], self.vocab_size), float("-inf"))
+            return full.index_copy(-1, self.subset, z)
+        from ..fast import lean_of
+        lean = lean_of(self.target)
+        head = lean.lm_head if lean is not None else self.lm_head
+        return pad_vocab(head(x).float(), self.vocab_size)
+
+
+def top_tokens(tokens: torch.Tensor, n: int, vocab_size: int, always: tuple[int, ...] = ()) -> torch.Tensor:
+    """The n most frequent ids of a token stream (EAGLE-3's reduced draft vocabulary), plus
+    `always` (e.g. EOS), sorted."""
+    require(isinstance(n, int) and 1 <= n <= vocab_size, f"draft_vocab must be in 1..{vocab_size}; got {n!r}")
+    counts = torch.bincount(tokens.reshape(-1).long().clamp(0, vocab_size - 1), minlength=vocab_size)
+    ids = counts.topk(n).indices
+    extra = torch.tensor([a for a in always if 0 <= a < vocab_size], dtype=torch.long)
+    return torch.cat([ids, extra]).unique()
 
 
 @torch.inference_mode()
@@ -300,9 +337,21 @@ class FeatureDraft:
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.readout.embed_ids(ids.to(self.readout.embed.weight.device), self.dtype).to(self.device)
 
+    def set_vocab(self, ids: torch.Tensor | None) -> None:
+        """Draft only over these target ids (None = the full vocabulary); saved with the head."""
+        self.readout.set_vocab(ids)
+
+    @property
+    def vocab_ids(self) -> list[int] | None:
+        s = self.readout.subset
+        return None if s is None else s.tolist()
+
     def save(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
-        save_head(self.module, path, {"kind": self.kind, "format": 1, "target": self.target_info,
-                                      "head": dataclasses.asdict(self.cfg)}, dtype)
+        config = {"kind": self.kind, "format": 1, "target": self.target_info,
+                  "head": dataclasses.asdict(self.cfg)}
+        if self.vocab_ids is not None:
+            config["vocab_ids"] = self.vocab_ids
+        save_head(self.module, path, config, dtype)
 
 
 def saved_head_options(source: Any, kind: str, target: PreTrainedModel) -> dict[str, Any]:

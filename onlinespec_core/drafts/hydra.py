@@ -15,15 +15,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from ..errors import OnlineSpecError
+from ..fast import full_cache
 from ..feedback import Round
 from ..sampling import SamplingConfig, logits_to_probs, sample
 from .base import Proposal, crop_cache
 from .eagle import _config, build_module, subset
-from .features import (FeatureDraft, saved_head_options, FeatureSeq, Record, family_body, load_weights, plain,
-                       run_body, tail_features)
+from .features import (FeatureDraft, FeatureSeq, Record, family_body, load_weights, plain,
+                       read_head_config, run_body, saved_head_options, tail_features)
 
 
 @dataclass
@@ -93,7 +94,7 @@ class HydraDraft(FeatureDraft):
         c = self.cache.get_seq_length() if self.cache is not None else 0
         c = min(c, n - 1)
         if self.cache is None or c == 0:
-            self.cache, c = DynamicCache(config=self.module.prefix.config), 0
+            self.cache, c = full_cache(), 0
         crop_cache(self.cache, c)
         h = self.module.base(feats[c:].to(self.dtype), c, self.cache)[-1]
         self.last = (n, h)
@@ -192,4 +193,7 @@ def load_hydra_draft(target: PreTrainedModel, source: Any, tokenizer: Any, devic
     if source is not None:
         load_weights(module, source)
     module.eval().requires_grad_(True)
-    return HydraDraft(target, module, cfg)
+    draft = HydraDraft(target, module, cfg)
+    if source is not None:
+        draft.set_vocab(read_head_config(source, "hydra").get("vocab_ids"))  # reduced vocabulary, if saved
+    return draft
