@@ -118,6 +118,18 @@ def test_streams_parse():
     assert len(shift) >= 80
 
 
+@pytest.mark.skipif(not (STREAMS / "shift_long.jsonl").exists(), reason="long stream absent")
+def test_long_shift_stream_returns_to_a_topic():
+    rows = [json.loads(line) for line in (STREAMS / "shift_long.jsonl").read_text().splitlines()]
+    topics = [r["topic"] for r in rows]
+    visits = [t for i, t in enumerate(topics) if i == 0 or topics[i - 1] != t]
+    assert visits == ["code", "math", "sql", "prose", "code"]  # a return visit: forgetting shows
+    assert len({r["prompt"] for r in rows}) == len(rows)  # no prompt twice
+    counts = {t: topics.count(t) for t in TOPICS}
+    assert counts["code"] >= 120 and counts["math"] >= 100 and counts["prose"] >= 100
+    assert counts["sql"] >= 60  # every held-out sql prompt: the templated generator has only ~70 unseen
+
+
 @needs_assets
 def test_load_pair_demo_is_fast():
     import onlinespec_core as osc
