@@ -85,25 +85,30 @@ def round_ms(pair: ModelPair, prompts: list[list[int]], k: int, max_new_tokens: 
             "tau": sum(len(r.emitted) for r in rs) / max(1, len(rs))}
 
 
-def update_ms(pair: ModelPair, prompt: list[int], k: int, rows: int, iters: int = 5) -> dict[str, Any] | None:
-    """One ogd step on the last feedback rounds of a sequence holding about `rows` rows."""
+def update_ms(pair: ModelPair, prompts: list[list[int]], k: int, rows: int,
+              iters: int = 5) -> dict[str, Any] | None:
+    """One ogd step on the most recent feedback rounds holding about `rows` rows (path
+    positions), as the engine would buffer them: the last prompt's rounds first, then earlier
+    prompts' (those re-read their context: the draft's cache holds only the current sequence)."""
     from .bench import clone_pair
+    from .sampling import SamplingConfig
     from .updaters import make_updater
     from .updaters.losses import n_positions
     if pair.draft is None:
         return None
     p = clone_pair(pair)
-    full, rounds = _rounds(p, [prompt], k, max(64, 2 * rows))[0]
+    runs = _rounds(p, prompts, k, 64)
     batch: list = []
-    for r in reversed(rounds):
-        batch.insert(0, r)
-        if sum(n_positions(x, "path") for x in batch) >= rows:
-            break
+    for _, rounds in reversed(runs):
+        for r in reversed(rounds):
+            if sum(n_positions(x, "path") for x in batch) >= rows:
+                break
+            batch.insert(0, r)
+    full, last = runs[-1]
+    end = last[-1].context_len + len(last[-1].emitted)
+    seq = torch.tensor(full[:end], device=pair.device)
     up = make_updater("ogd", batch=len(batch), every=10**6)
     up.attach(p.draft)
-    end = batch[-1].context_len + len(batch[-1].emitted)
-    seq = torch.tensor(full[:end], device=pair.device)
-    from .sampling import SamplingConfig
     steps, rereads = [], []
     for _ in range(iters):
         t0 = time.perf_counter()
@@ -163,7 +168,7 @@ def cost_table(pair: ModelPair, prompts: list[list[int]], k: int = 4, reps: int 
                 for key, v in round_ms(pair, prompts, k, max_new_tokens).items():
                     add(path, key, v)
                 for rows in update_rows:
-                    u = update_ms(pair, prompts[0], k, rows)
+                    u = update_ms(pair, prompts, k, rows)
                     if u is not None:
                         add(path, f"update{rows}_ms", u["update_ms"])
                         add(path, f"update{rows}_rows", u["rows"])
