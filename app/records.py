@@ -76,9 +76,16 @@ class Series:
     accepted: int = 0
     wall_s: float = 0.0
     updater: str = ""
+    switched_to: str = ""  # the updater a live switch put in place ("" = none)
+    replayed: bool = False  # compare mode: replays the target's recorded pass (speed not real)
     _taus: deque = field(default_factory=lambda: deque(maxlen=ROLL))
     _losses: deque = field(default_factory=lambda: deque(maxlen=ROLL))
     _speed: deque = field(default_factory=lambda: deque(maxlen=ROLL))
+
+    @property
+    def label(self) -> str:
+        """The config's name, and the updater now running when a live switch changed it."""
+        return f"{self.name} \u2192 {self.switched_to}" if self.switched_to else self.name
 
     @property
     def mean_tau(self) -> float:
@@ -150,12 +157,22 @@ class RunLog:
     series: list[Series] = field(default_factory=list)
     topics: list[tuple[int, str]] = field(default_factory=list)  # (tokens at start, topic)
     switches: list[tuple[int, str, str]] = field(default_factory=list)  # (tokens, from, to)
-    baseline_tok_s: float | None = None
+    baseline_tok_s: float | None = None  # median of the target-only samples
+    baseline_samples: list[float] = field(default_factory=list)  # target-only tokens/s, one per prompt
     share: dict[str, Any] = field(default_factory=dict)
     max_stall_ms: float = 0.0
+    finished: str = ""  # "done" (stream ended) | "stopped" | "" (running or never run)
 
-    def reset(self, names: list[str]) -> None:
+    def reset(self, names: list[str], shared: bool = False) -> None:
         self.__init__(names=list(names), series=[Series(n) for n in names])  # type: ignore[misc]
+        for s in self.series[1:]:
+            s.replayed = shared
+
+    @property
+    def baseline_spread(self) -> tuple[float, float] | None:
+        """(min, max) of the target-only samples, when there are any."""
+        v = self.baseline_samples
+        return (min(v), max(v)) if v else None
 
     def add(self, ev: UiEvent) -> None:
         if ev.kind == "round" and 0 <= ev.cfg < len(self.series):
@@ -167,25 +184,52 @@ class RunLog:
                 self.topics.append((x, topic))
         elif ev.kind == "updater" and self.series:
             s = self.series[max(ev.cfg, 0)]
-            self.switches.append((s.tokens, ev.data.get("from", ""), ev.data.get("to", "")))
+            to = ev.data.get("to", "")
+            self.switches.append((s.tokens, ev.data.get("from", ""), to))
+            s.switched_to = "" if to == s.name.split(": ")[-1] else to
+            s.updater = to or s.updater
         elif ev.kind == "baseline":
-            self.baseline_tok_s = ev.data.get("tokens_per_s")
+            samples = [float(v) for v in ev.data.get("samples") or [] if v and math.isfinite(v)]
+            if samples:
+                self.baseline_samples = samples
+                self.baseline_tok_s = float(np.median(samples))
+            else:
+                v = ev.data.get("tokens_per_s")
+                self.baseline_tok_s = v
+                self.baseline_samples = [float(v)] if v else []
         elif ev.kind == "share":
             self.share = dict(ev.data)
+        elif ev.kind == "end":
+            self.finished = ev.data.get("reason", "")
 
     def speedup(self, s: Series) -> float | None:
-        if not self.baseline_tok_s or not len(s.tok_s):
+        """Whole-run tokens/s over the target-only median; None where there is no honest number
+        (no baseline yet, or a compare config that replays the target's recorded pass)."""
+        info = self.speedup_info(s)
+        return info["value"] if info else None
+
+    def speedup_info(self, s: Series) -> dict[str, Any] | None:
+        """value (capped at tau: a round costs at least one target step, so tokens/s can never beat
+        tau x the target-only rate; above it the baseline was measured slow), lo..hi from the
+        baseline spread, capped flag."""
+        if not self.baseline_tok_s or s.replayed or s.rounds == 0 or s.wall_s <= 0:
             return None
-        v = float(s.tok_s[-1])
-        return v / self.baseline_tok_s if math.isfinite(v) else None
+        raw = s.tokens_per_s / self.baseline_tok_s
+        lo_b, hi_b = self.baseline_spread or (self.baseline_tok_s, self.baseline_tok_s)
+        cap = s.mean_tau
+        return {"value": min(raw, cap), "raw": raw, "capped": raw > cap,
+                "lo": min(s.tokens_per_s / hi_b, cap), "hi": min(s.tokens_per_s / lo_b, cap)}
 
     def summary(self) -> dict[str, Any]:
         out = {}
         for s in self.series:
-            out[s.name] = {"updater": s.updater, "rounds": s.rounds, "tokens": s.tokens,
-                           "tau": s.mean_tau, "tokens_per_s": s.tokens_per_s,
-                           "speedup_vs_target_only": (s.tokens_per_s / self.baseline_tok_s
-                                                      if self.baseline_tok_s else None),
+            info = self.speedup_info(s)
+            out[s.name] = {"updater": s.updater, "label": s.label, "rounds": s.rounds, "tokens": s.tokens,
+                           "tau": s.mean_tau, "tokens_per_s": None if s.replayed else s.tokens_per_s,
+                           "target_replayed": s.replayed,
+                           "speedup_vs_target_only": info["value"] if info else None,
+                           "speedup_range": [info["lo"], info["hi"]] if info else None,
+                           "speedup_capped_at_tau": info["capped"] if info else None,
                            "per_position_acceptance": s.per_position}
         return out
 
@@ -201,7 +245,10 @@ class RunLog:
 
     def write_json(self, path: str | Path) -> Path:
         path = Path(path)
-        obj = {"configs": self.names, "baseline_tokens_per_s": self.baseline_tok_s,
+        obj = {"configs": self.names, "config_labels": [s.label for s in self.series],
+               "updaters": [s.updater for s in self.series],
+               "baseline_tokens_per_s": self.baseline_tok_s,
+               "baseline_samples_tokens_per_s": self.baseline_samples,
                "summary": self.summary(), "topics": self.topics, "updater_switches": self.switches,
                "shared_target": self.share, "ui_max_stall_ms": self.max_stall_ms,
                "rounds": [r for s in self.series for r in s.rows]}

@@ -24,16 +24,18 @@ class PairSpec:
     draft_kind: str = "lm"
     device: str = "cpu"
     dtype: str = "float32"
+    fast: bool = True  # the fast decode path (CPU); False = plain Hugging Face forward
 
     def load_kwargs(self) -> dict[str, Any]:
+        fast = None if self.fast else False
         if self.source == "demo":
             return {"target": "demo", "draft_kind": self.draft_kind, "device": self.device,
-                    "dtype": self.dtype}
+                    "dtype": self.dtype, "fast": fast}
         if not self.target.strip():
             raise OnlineSpecError("no target model given; type a model directory or hub id in "
                                   "'Target', or choose the demo pair")
         return {"target": self.target.strip(), "draft": self.draft.strip() or None,
-                "draft_kind": self.draft_kind, "device": self.device, "dtype": self.dtype}
+                "draft_kind": self.draft_kind, "device": self.device, "dtype": self.dtype, "fast": fast}
 
 
 @dataclass(frozen=True)
@@ -133,3 +135,44 @@ def updater_fields(name: str) -> dict[str, Any]:
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             out[f.name] = f.default_factory()  # type: ignore[misc]
     return out
+
+
+def _want(default: Any, v: Any) -> str | None:
+    """What an option's value must be, judged by its default's type (None: it fits)."""
+    if isinstance(default, bool):
+        return None if isinstance(v, bool) else "True or False"
+    if isinstance(default, int):
+        return None if isinstance(v, int) and not isinstance(v, bool) else "an integer"
+    if isinstance(default, float):
+        return None if isinstance(v, (int, float)) and not isinstance(v, bool) else "a number"
+    if isinstance(default, str):
+        return None if isinstance(v, str) else "a string"
+    if isinstance(default, (list, tuple)):
+        return None if isinstance(v, (list, tuple)) else "a list, e.g. [1e-4, 3e-4]"
+    return None
+
+
+def check_updater(name: str, options: dict[str, Any]) -> None:
+    """Raise OnlineSpecError naming the first bad option ("lr must be a number, got 'fast'"), then
+    let the library build the updater once (its own checks); any other error it raises is turned
+    into an OnlineSpecError too, so every mistake reaches the dialog."""
+    if name not in REGISTRY:
+        raise OnlineSpecError(f"unknown updater {name!r}; choose one of {', '.join(REGISTRY)}")
+    fields = updater_fields(name)
+    if fields:
+        bad = sorted(set(options) - set(fields))
+        if bad:
+            raise OnlineSpecError(f"updater {name!r} has no option {', '.join(map(repr, bad))}; "
+                                  f"its options: {', '.join(fields)}")
+        for key, v in options.items():
+            want = _want(fields[key], v)
+            if want is not None:
+                raise OnlineSpecError(f"{key} must be {want}, got {v!r} (updater {name!r})")
+    from onlinespec_core.updaters import make_updater
+    try:
+        make_updater(name, **options)
+    except OnlineSpecError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- whatever the library raises, the user sees it
+        raise OnlineSpecError(f"updater {name!r} rejects its options ({format_options(options)}): "
+                              f"{type(e).__name__}: {e}") from e

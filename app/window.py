@@ -1,17 +1,21 @@
 """MainWindow: setup panel | controls + token view + live plots; the engine lives in a worker."""
 from __future__ import annotations
 
+import functools
+import logging
 import time
+import traceback
 from pathlib import Path
 
 from PySide6.QtCore import QSettings, Qt, QThread, QTimer, Signal
 from PySide6.QtGui import QAction, QKeySequence, QShortcut
-from PySide6.QtWidgets import (QFileDialog, QLabel, QMainWindow, QMessageBox, QScrollArea,
-                               QSplitter, QTabWidget, QToolBar, QWidget)
+from PySide6.QtWidgets import (QApplication, QFileDialog, QLabel, QMainWindow, QMessageBox,
+                               QScrollArea, QSplitter, QTabWidget, QToolBar, QWidget)
 
 from onlinespec_core.errors import OnlineSpecError
 
 from .records import RunLog, UiEvent
+from .spec import check_updater
 from .views.controls import ControlBar, SetupPanel
 from .views.plots import PlotsView
 from .views.tokens import TokenView
@@ -20,6 +24,21 @@ from .worker import EngineWorker
 HEARTBEAT_MS = 20  # UI-stall probe: a tick later than this is a stall of the UI thread
 TOKENS_MS = 50  # token view flush period
 PLOTS_MS = 250  # plot refresh period (half the plots per tick: each updates at 2 Hz)
+log = logging.getLogger(__name__)
+
+
+def guarded(fn):
+    """A UI action: any error it raises becomes the dialog (never a traceback on stderr only)."""
+    @functools.wraps(fn)
+    def wrapper(self, *a, **kw):
+        try:
+            return fn(self, *a, **kw)
+        except OnlineSpecError as e:
+            self.show_error(str(e))
+        except Exception as e:  # noqa: BLE001 -- the app stays up; the user sees what happened
+            log.error("UI action %s failed:\n%s", fn.__name__, traceback.format_exc())
+            self.show_error(f"{type(e).__name__}: {e}")
+    return wrapper
 
 
 class MainWindow(QMainWindow):
@@ -89,6 +108,7 @@ class MainWindow(QMainWindow):
         self.worker.error.connect(self.show_error)
         self.worker.state.connect(self._on_state)
         self.worker.message.connect(self._on_message)
+        self.worker.loaded.connect(self._on_loaded)
         self.thread.start()
 
         c = self.controls
@@ -98,9 +118,10 @@ class MainWindow(QMainWindow):
         c.stop.connect(self.stop)
         c.shift.connect(self.shift_topic)
         c.switch.connect(self.switch_updater)
-        for key, fn in ((Qt.Key.Key_Space, self.space), (Qt.Key.Key_S, self.step),
-                        (Qt.Key.Key_T, self.shift_topic)):
-            QShortcut(QKeySequence(key), self, activated=fn)
+        for keys, fn in ((("Space", "Shift+Space"), self.space), (("S", "Shift+S"), self.step),
+                         (("T", "Shift+T"), self.shift_topic)):
+            for key in keys:  # S and Shift+S both step: the README says "S"
+                QShortcut(QKeySequence(key), self, activated=fn)
 
         self._beat_last = time.perf_counter()
         self.heartbeat = QTimer(self, interval=HEARTBEAT_MS, timeout=self._beat)
@@ -109,12 +130,17 @@ class MainWindow(QMainWindow):
         self.token_timer.start()
         self.plot_timer = QTimer(self, interval=PLOTS_MS, timeout=self.refresh_plots)
         self.plot_timer.start()
+        first_launch = self.settings.value("setup/updater") is None
         self.setup.load_settings(self.settings)
+        if first_launch:
+            self.setup.apply_demo_preset()  # open on a run that shows learning
+        self.setup.demo.clicked.connect(self.setup.apply_demo_preset)
         geo = self.settings.value("window/geometry")
         if geo is not None:
             self.restoreGeometry(geo)
         else:
             self.resize(1280, 800)
+        self._fitted = False
 
     def _menus(self) -> None:
         m = self.menuBar().addMenu("&File")
@@ -136,15 +162,18 @@ class MainWindow(QMainWindow):
             m.addAction(a)
 
     # ---- actions -----------------------------------------------------------------------
+    @guarded
     def start(self) -> None:
         if self.state != "idle":
             return
-        try:
-            spec = self.setup.spec()
-        except OnlineSpecError as e:
-            self.show_error(str(e))
-            return
+        spec = self.setup.spec()  # malformed options raise: the dialog names them
+        for name, opts in ([(c.updater, c.updater_options) for c in spec.compare] if spec.compare
+                           else [(spec.updater, spec.updater_options)]):
+            check_updater(name, opts)  # before any model loads: a bad option is a dialog at once
         self.setup.save_settings(self.settings)
+        if self.worker.loaded_state:
+            self.statusBar().showMessage("continuing the loaded state", 6000)
+        self.setup.set_loaded(None)
         self.max_stall_ms = 0.0
         self._on_state("loading")
         self.worker.start(spec)
@@ -163,6 +192,8 @@ class MainWindow(QMainWindow):
     def step(self) -> None:
         if self.state == "paused":
             self.worker.step()
+        elif self.state == "running":
+            self.statusBar().showMessage("Step runs one round while paused: press Space to pause", 3000)
 
     def stop(self) -> None:
         self.worker.stop()
@@ -172,13 +203,11 @@ class MainWindow(QMainWindow):
             self.worker.shift_topic()
             self.statusBar().showMessage("shifting to the next topic\u2026", 3000)
 
+    @guarded
     def switch_updater(self) -> None:
-        try:
-            name, opts = self.controls.switch_to.value()
-            self.worker.set_updater(name, opts)
-        except OnlineSpecError as e:
-            self.show_error(str(e))
-            return
+        name, opts = self.controls.switch_to.value()
+        check_updater(name, opts)
+        self.worker.set_updater(name, opts)
         self.statusBar().showMessage(f"switching to {name} at the next round", 4000)
 
     def show_error(self, message: str) -> None:
@@ -192,32 +221,45 @@ class MainWindow(QMainWindow):
         self.error_shown.emit(message)
 
     # ---- files -------------------------------------------------------------------------
+    @guarded
     def save_state_dialog(self) -> None:
+        if self.worker.engine is None:
+            raise OnlineSpecError("nothing to save yet: start a run first")
         d = QFileDialog.getSaveFileName(self, "Save state (a folder)", "runs/state")[0]
         if d:
             self.worker.save_state(d)
 
+    @guarded
     def load_state_dialog(self) -> None:
+        if self.state != "idle":  # say it before the user picks a folder
+            raise OnlineSpecError("stop the run before loading a saved state (Stop, then File > Load state)")
         d = QFileDialog.getExistingDirectory(self, "Load state folder", "runs")
         if d:
             self.load_state(d)
 
+    @guarded
     def load_state(self, path: str) -> None:
-        try:
-            self.worker.load_state(path, self.setup.spec())
-        except OnlineSpecError as e:
-            self.show_error(str(e))
+        if self.state != "idle":
+            raise OnlineSpecError("stop the run before loading a saved state")
+        self.worker.load_state(path, self.setup.spec())
 
+    def _on_loaded(self, info: dict) -> None:
+        """A state was loaded: the panel shows what Start will run."""
+        self.setup.set_loaded(info)
+
+    @guarded
     def export_png_dialog(self) -> None:
         p = QFileDialog.getSaveFileName(self, "Export plots", "plots.png", "PNG (*.png)")[0]
         if p:
             self.export_png(p)
 
+    @guarded
     def export_csv_dialog(self) -> None:
         p = QFileDialog.getSaveFileName(self, "Export metrics", "metrics.csv", "CSV (*.csv)")[0]
         if p:
             self.export_metrics(p)
 
+    @guarded
     def export_json_dialog(self) -> None:
         p = QFileDialog.getSaveFileName(self, "Export metrics", "metrics.json", "JSON (*.json)")[0]
         if p:
@@ -242,7 +284,8 @@ class MainWindow(QMainWindow):
             self.token_tabs.addTab(tv, f"Tokens \u2014 {n}")
         self.token_tabs.tabBar().setVisible(len(names) > 1)
         self.plots.reset(names, shared)
-        self.log.reset(names)
+        self.log.reset(names, shared)
+        self.controls.set_running_updater(" | ".join(names) if names != ["run"] else "")
         self._pending_tokens = {i: [] for i in range(len(names))}
 
     def _on_events(self, evs: list[UiEvent]) -> None:
@@ -268,6 +311,8 @@ class MainWindow(QMainWindow):
                     self.statusBar().showMessage(
                         f"updater: {ev.data.get('from')} \u2192 {ev.data.get('to')} at round "
                         f"{ev.data.get('round')}", 6000)
+                    self.plots.set_labels([s.label for s in self.log.series])
+                    self.controls.set_running_updater(" | ".join(s.label for s in self.log.series))
         if evs:
             self.rounds_changed.emit(self.rounds_seen)
 
@@ -287,15 +332,34 @@ class MainWindow(QMainWindow):
             self._plot_group = 1 - self._plot_group
         else:
             return
+        self.stats_label.setText(self.stats_text())
+        tips = ["\u03c4 = tokens per target forward; tokens/s and the speedup are over the whole "
+                "run (updates included), the speedup against the median of the target-only samples "
+                "taken during the run (range: their spread), never above \u03c4."]
+        if self._shared:
+            tips.append("Configurations marked 'target replayed' reuse the target's recorded greedy "
+                        "pass: their speed is not measured, compare their \u03c4.")
+        self.stats_label.setToolTip("\n".join(tips))
+
+    def stats_text(self) -> str:
+        """The status-bar readout: whole-run numbers (they do not move while paused)."""
         parts = []
-        for i, s in enumerate(self.log.series):
-            up = self.log.speedup(s)
-            note = " (target replayed)" if self._shared and i > 0 else ""
-            parts.append(f"{s.name}: \u03c4 {s.mean_tau:.2f}, {s.tokens} tok, {s.tokens_per_s:.0f} tok/s"
-                         + (f", {up:.2f}\u00d7" if up else "") + ("*" if note else ""))
-        self.stats_label.setText("   |   ".join(parts))
-        self.stats_label.setToolTip("* target replayed (compare mode): tokens/s leaves out most "
-                                    "target time" if self._shared else "")
+        for s in self.log.series:
+            if s.replayed:
+                parts.append(f"{s.label}: \u03c4 {s.mean_tau:.2f}, {s.tokens} tok "
+                             "(target replayed: speed not measured)")
+                continue
+            text = f"{s.label}: \u03c4 {s.mean_tau:.2f}, {s.tokens} tok, {s.tokens_per_s:.0f} tok/s"
+            info = self.log.speedup_info(s)
+            if info:
+                cap = " (capped at \u03c4)" if info["capped"] else ""
+                text += f", {info['value']:.2f}\u00d7 [{info['lo']:.2f}\u2013{info['hi']:.2f}]{cap}"
+            parts.append(text)
+        b = self.log.baseline_spread
+        if b and self.log.baseline_tok_s:
+            parts.append(f"target-only {self.log.baseline_tok_s:.0f} tok/s (median of "
+                         f"{len(self.log.baseline_samples)}, {b[0]:.0f}\u2013{b[1]:.0f})")
+        return "   |   ".join(parts)
 
     def _on_message(self, text: str) -> None:
         self.statusBar().showMessage(text, 8000)
@@ -304,7 +368,16 @@ class MainWindow(QMainWindow):
         self.state = state
         self.controls.set_state(state)
         self.setup.setEnabled(state == "idle")
-        self.status.setText(state)
+        text = state
+        if state == "idle" and self.rounds_seen:
+            n = len({p for _, p in self.outputs})
+            tok = sum(s.tokens for s in self.log.series[:1])
+            text = (f"stream finished: {n} prompts, {tok} tokens \u2014 Start runs it again"
+                    if self.log.finished == "done" else
+                    f"stopped after {tok} tokens \u2014 Start runs the stream again")
+        elif state == "paused":
+            text = "paused \u2014 S: one round, Space: resume"
+        self.status.setText(text)
         if state == "idle":
             self.flush_tokens()
             self.refresh_plots(force=True)
@@ -316,6 +389,29 @@ class MainWindow(QMainWindow):
         if self.state in ("running", "paused") and late > self.max_stall_ms:
             self.max_stall_ms = late
             self.stall_label.setText(f"UI stall max: {late:.0f} ms")
+
+    def showEvent(self, ev) -> None:  # noqa: N802 (Qt API)
+        super().showEvent(ev)
+        if not self._fitted:
+            self._fitted = True
+            self.fit_to_screen()
+
+    def fit_to_screen(self) -> None:
+        """Window plus title bar inside the screen's available area (1280x800 laptops)."""
+        scr = self.screen() or QApplication.primaryScreen()
+        if scr is None or QApplication.platformName() == "offscreen":
+            return  # headless (screenshot mode, tests): the requested size is the picture's
+        avail = scr.availableGeometry()
+        frame_h = max(self.frameGeometry().height() - self.height(), 30)
+        frame_w = max(self.frameGeometry().width() - self.width(), 2)
+        w = min(self.width(), avail.width() - frame_w)
+        h = min(self.height(), avail.height() - frame_h)
+        if (w, h) != (self.width(), self.height()):
+            self.resize(max(w, 640), max(h, 480))
+        fg = self.frameGeometry()
+        if not avail.contains(fg):
+            self.move(max(avail.left(), min(fg.left(), avail.right() - fg.width())),
+                      max(avail.top(), min(fg.top(), avail.bottom() - fg.height())))
 
     # ---- shutdown ----------------------------------------------------------------------
     def shutdown(self, timeout_ms: int = 60_000) -> bool:

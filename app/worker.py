@@ -29,6 +29,7 @@ from .spec import PairSpec, RunSpec
 
 log = logging.getLogger(__name__)
 FLUSH_S = 0.04  # batch round events for at most 40 ms before handing them to the UI
+BASELINE_EVERY = 4  # after the first prompts, one target-only sample every this many prompts
 
 
 class EngineWorker(QObject):
@@ -36,6 +37,7 @@ class EngineWorker(QObject):
     error = Signal(str)  # a message for the user (OnlineSpecError text, or the exception)
     state = Signal(str)  # loading | running | paused | idle
     message = Signal(str)  # status-bar notes (saved, loaded, baseline ...)
+    loaded = Signal(object)  # dict: path, updater, round, options -- what the next Start continues
     _start = Signal(object)
     _poke = Signal()
 
@@ -56,6 +58,8 @@ class EngineWorker(QObject):
         self._pending: list[UiEvent] = []
         self._last_flush = 0.0
         self._texts: dict[int, str] = {}
+        self._base_engine: osc.Engine | None = None
+        self._base_samples: list[float] = []
         self._start.connect(self._run, Qt.ConnectionType.QueuedConnection)
         self._poke.connect(self._drain, Qt.ConnectionType.QueuedConnection)
 
@@ -96,7 +100,7 @@ class EngineWorker(QObject):
         if self.engine is None:
             raise OnlineSpecError("no run yet: press Start first (the updater in the setup panel "
                                   "is used from the first round)")
-        self.engine.set_updater(name, **options)
+        self.engine.set_updater(name, **options)  # validates (OnlineSpecError) before queueing
         if not self.running:
             self._emit([UiEvent("updater", 0, {"from": "", "to": name, "options": options})])
 
@@ -148,6 +152,8 @@ class EngineWorker(QObject):
         self.loaded_state = True
         self.message.emit(f"loaded state from {path} (round {eng.round_index}, updater "
                           f"{eng.updater_name}); Start continues it")
+        self.loaded.emit({"path": str(path), "updater": eng.updater_name, "round": eng.round_index,
+                          "options": dict(getattr(eng, "updater_options", {}) or {})})
 
     def _ensure_pair(self, ps: PairSpec) -> osc.ModelPair:
         if self.pair is None or self.pair_key != ps:
@@ -185,9 +191,12 @@ class EngineWorker(QObject):
         _lower_priority()
         self._texts = {}
         self.state.emit("loading")
+        ok = False
         try:
-            self._guard(lambda: self._run_inner(spec))
+            ok = self._guard(lambda: self._run_inner(spec))
         finally:
+            self._pending.append(UiEvent("end", -1, {"reason": "stopped" if self._stopping
+                                                     else ("done" if ok else "error")}))
             self._flush()
             self.running = False
             self._drain()
@@ -226,8 +235,10 @@ class EngineWorker(QObject):
         shared = bool(spec.compare) and spec.share_target and spec.temperature == 0.0
         self._emit([UiEvent("run", -1, {"names": names, "n_prompts": len(items),
                                         "greedy": spec.temperature == 0.0, "shared": shared})])
-        if spec.baseline and pair.draft is not None:
-            self._baseline(pair, items[0], spec)
+        self._base_engine, self._base_samples, done = None, [], 0
+        baseline = spec.baseline and pair.draft is not None
+        if baseline:
+            self._baseline(pair, items[0], spec, warm=True)
         if self._stopping:
             runner.stop()
             return
@@ -236,23 +247,44 @@ class EngineWorker(QObject):
             self._push(self._convert(ci, ev), urgent=ev.kind not in ("round", "start", "done"))
             if ev.kind == "round":
                 self._between_rounds()
+            elif ev.kind == "done" and ci == 0:
+                done += 1
+                p = ev.data.get("prompt_index")
+                if baseline and p is not None and (done <= 2 or done % BASELINE_EVERY == 0) \
+                        and not self._stopping:
+                    self._flush()
+                    self._baseline(pair, items[p], spec)  # same prompt, same load as the run's
             if self._stopping:
                 runner.stop()
         if spec.compare and runner.shared is not None:
             self._push(UiEvent("share", -1, runner.shared.stats.as_dict()))
 
-    def _baseline(self, pair: osc.ModelPair, item: Any, spec: RunSpec) -> None:
-        """Target-only tokens/s on the first prompt, in this process, for the speedup."""
-        eng = osc.Engine(pair, k=1, temperature=spec.temperature, top_k=spec.top_k,
-                         top_p=spec.top_p, seed=spec.seed)
+    def _baseline(self, pair: osc.ModelPair, item: Any, spec: RunSpec, warm: bool = False) -> None:
+        """One target-only sample (tokens/s over the same rounds' accounting as the run) on a
+        prompt of the stream. The run takes one before its first prompt, one after each of the
+        first two prompts and one every BASELINE_EVERY prompts, interleaved with the run as the
+        bench does, so that both see the same machine load; the UI shows their median and spread."""
+        eng = self._base_engine
+        if eng is None:
+            eng = self._base_engine = osc.Engine(pair, k=1, temperature=spec.temperature, top_k=spec.top_k,
+                                                 top_p=spec.top_p, seed=spec.seed)
         runner, self.runner = self.runner, eng  # Stop reaches the baseline while it runs
         try:
+            if warm:  # kernels, allocator: the first forwards of a process are slow
+                eng.generate_target_only(item.prompt, min(8, spec.max_new_tokens))
             out = eng.generate_target_only(item.prompt, spec.max_new_tokens)
         finally:
             self.runner = runner
         tps = out.stats.get("tokens_per_s", 0.0)
-        self._emit([UiEvent("baseline", -1, {"tokens_per_s": tps, "tokens": len(out.token_ids)})])
-        self.message.emit(f"target-only baseline: {tps:.1f} tokens/s")
+        if not tps or not math.isfinite(tps) or self._stopping:
+            return
+        self._base_samples.append(float(tps))
+        v = sorted(self._base_samples)
+        med = v[len(v) // 2] if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2])
+        self._emit([UiEvent("baseline", -1, {"tokens_per_s": med, "samples": list(self._base_samples),
+                                             "tokens": len(out.token_ids)})])
+        self.message.emit(f"target-only baseline: {med:.1f} tokens/s (median of {len(v)}, "
+                          f"{v[0]:.1f}\u2013{v[-1]:.1f})")
 
     def _between_rounds(self) -> None:
         """Queued calls run here; a pause holds here (the engine is between rounds)."""

@@ -56,14 +56,19 @@ def configure(w: MainWindow, dirs, stream_file, updater: str = "frozen", n: int 
     s.stream_kind.setCurrentIndex(s.stream_kind.findText("JSONL file\u2026"))
     s.stream_file.setText(str(stream_file))
     s.updater.name.setCurrentText(updater)
+    s.compare_b.name.setCurrentText("(none)")  # a first launch opens on the demo preset (compare)
+    s.compare_c.name.setCurrentText("(none)")
     s.k.setValue(3)
     s.max_new.setValue(n)
     s.baseline.setChecked(False)
 
 
 def run_to_end(qtbot, w: MainWindow) -> None:
+    n_err = len(w.errors)
     w.start()
-    qtbot.waitUntil(lambda: w.state == "idle" and w.rounds_seen > 0, timeout=WAIT)
+    qtbot.waitUntil(lambda: (w.state == "idle" and w.rounds_seen > 0) or len(w.errors) > n_err, timeout=WAIT)
+    assert len(w.errors) == n_err, w.errors[n_err:]
+    qtbot.waitUntil(lambda: w.state == "idle", timeout=WAIT)
 
 
 def assert_lossless(w: MainWindow, pair_dirs, items=TOPICS, cfg: int = 0, n: int = N) -> None:

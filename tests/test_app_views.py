@@ -135,4 +135,4 @@ def test_hover_shows_round_and_probabilities(qtbot):
     vp = view.text.viewport()
     QApplication.sendEvent(vp, QHelpEvent(QEvent.Type.ToolTip, pos, vp.mapToGlobal(pos)))
     text = QToolTip.text()
-    assert "round 7" in text and "target prob p = 0.250" in text and "draft proposed" in text
+    assert "round 7" in text and "target prob p = 0.250" in text and "draft had proposed" in text

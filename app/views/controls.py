@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from PySide6.QtCore import QSettings, Signal
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
-                               QGroupBox, QHBoxLayout, QLabel, QLineEdit, QPlainTextEdit,
-                               QPushButton, QSpinBox, QStyle, QVBoxLayout, QWidget)
+from PySide6.QtCore import QCoreApplication, QEvent, QObject, QSettings, Qt, Signal
+from PySide6.QtWidgets import (QAbstractScrollArea, QAbstractSpinBox, QCheckBox, QComboBox,
+                               QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout,
+                               QLabel, QLineEdit, QPlainTextEdit, QPushButton, QSpinBox, QStyle,
+                               QVBoxLayout, QWidget)
 
 from onlinespec_core.compare import CompareConfig
 from onlinespec_core.models import DRAFT_LOADERS
@@ -16,6 +17,32 @@ from onlinespec_core.updaters import available_updaters
 from ..spec import PairSpec, RunSpec, StreamSpec, default_stream, format_options, parse_options, updater_fields
 
 MAIN_OPTIONS = ("lr", "lrs", "hedge", "cadence", "every", "form", "loss", "beta")
+DEMO = {"updater": "ensemble", "compare_b": "frozen", "stream": "shift", "k": 4, "max_new": 64}
+
+
+class WheelGuard(QObject):
+    """The mouse wheel over an unfocused combo or spin box scrolls the panel instead of changing
+    the value (a teacher scrolling the setup panel must not turn Config B into dpo)."""
+
+    def eventFilter(self, obj: QObject, ev: QEvent) -> bool:  # noqa: N802 (Qt API)
+        if ev.type() == QEvent.Type.Wheel and isinstance(obj, (QComboBox, QAbstractSpinBox)) \
+                and not obj.hasFocus():
+            p = obj.parentWidget()
+            while p is not None and not isinstance(p, QAbstractScrollArea):
+                p = p.parentWidget()
+            if p is not None:
+                QCoreApplication.sendEvent(p.verticalScrollBar(), ev)
+            return True
+        return False
+
+
+def install_wheel_guard(root: QWidget) -> WheelGuard:
+    guard = WheelGuard(root)
+    for w in root.findChildren(QWidget):
+        if isinstance(w, (QComboBox, QAbstractSpinBox)):
+            w.setFocusPolicy(Qt.FocusPolicy.StrongFocus)  # the wheel never gives them focus
+            w.installEventFilter(guard)
+    return guard
 
 
 def options_hint(name: str) -> str:
@@ -64,6 +91,13 @@ class SetupPanel(QWidget):
         super().__init__(parent)
         v = QVBoxLayout(self)
         v.setContentsMargins(4, 4, 4, 4)
+        self.demo = QPushButton("Demo preset: ensemble learns vs frozen", self)
+        self.demo.setObjectName("demo_preset")
+        self.demo.setToolTip("The embedded demo pair on the topic-shift stream: config A is the "
+                             "ensemble updater (its draft learns online), config B the frozen draft "
+                             "on the same prompts, so the gap in \u03c4 is what learning buys. "
+                             "Press Start (Space) after choosing it.")
+        v.addWidget(self.demo)
 
         # model pair
         g = QGroupBox("Model pair", self)
@@ -90,6 +124,12 @@ class SetupPanel(QWidget):
         f.addRow("Draft", _row(self.draft, self.draft_browse))
         f.addRow("Draft kind", self.draft_kind)
         f.addRow("Device", self.device)
+        self.fast = QCheckBox("Fast decode path", g)
+        self.fast.setChecked(True)
+        self.fast.setToolTip("CPU: packed weights, a free-crop KV cache and a lean forward "
+                             "(same greedy output). Untick to run the plain Hugging Face forward "
+                             "and compare speeds. Not used on CUDA.")
+        f.addRow("", self.fast)
         self.pair_source.currentIndexChanged.connect(self._sync)
         v.addWidget(g)
 
@@ -163,10 +203,20 @@ class SetupPanel(QWidget):
         f = QFormLayout(g)
         self.baseline = QCheckBox("measure target-only baseline first", g)
         self.baseline.setChecked(True)
+        self.baseline.setToolTip("Target-only decoding of the stream's prompts, interleaved with the "
+                                 "run (before the first prompt, after the first two, then every 4th): "
+                                 "the speedup is against the median of these samples")
         self.reset_draft = QCheckBox("start from the initial draft weights", g)
         self.reset_draft.setChecked(True)
+        self.loaded_note = QLabel("", g)
+        self.loaded_note.setObjectName("loaded_note")
+        self.loaded_note.setWordWrap(True)
+        self.loaded_note.setStyleSheet("color: #00365A; background: #E8F1FA; padding: 3px;")
+        self.loaded_note.hide()
+        self.loaded: dict | None = None
         f.addRow(self.baseline)
         f.addRow(self.reset_draft)
+        f.addRow(self.loaded_note)
         v.addWidget(g)
         v.addStretch(1)
         default = default_stream()
@@ -174,6 +224,49 @@ class SetupPanel(QWidget):
             if self.stream_kind.itemData(i) == ("bundled", default):
                 self.stream_kind.setCurrentIndex(i)
         self._sync()
+        self._wheel_guard = install_wheel_guard(self)
+
+    def apply_demo_preset(self) -> None:
+        """The embedded demo pair, topic-shift stream, ensemble (learning) vs frozen, greedy."""
+        self.pair_source.setCurrentIndex(self.pair_source.findData("demo"))
+        self.draft_kind.setCurrentText("lm")
+        for i in range(self.stream_kind.count()):
+            if self.stream_kind.itemData(i) == ("bundled", DEMO["stream"]):
+                self.stream_kind.setCurrentIndex(i)
+        self.updater.name.setCurrentText(DEMO["updater"])
+        self.updater.options.clear()
+        self.compare_b.name.setCurrentText(DEMO["compare_b"])
+        self.compare_b.options.clear()
+        self.compare_c.name.setCurrentText("(none)")
+        self.k.setValue(DEMO["k"])
+        self.dynamic_k.setChecked(False)
+        self.temperature.setValue(0.0)
+        self.top_k.setValue(0)
+        self.top_p.setValue(1.0)
+        self.seed.setValue(0)
+        self.max_new.setValue(DEMO["max_new"])
+        self.share.setChecked(True)
+        self.baseline.setChecked(True)
+        self.reset_draft.setChecked(True)
+        self._sync()
+
+    def set_loaded(self, info: dict | None) -> None:
+        """Show which state and stream position the next Start uses (None: no loaded state)."""
+        self.loaded = info
+        self.reset_draft.setEnabled(info is None)
+        if info is None:
+            self.loaded_note.hide()
+            return
+        if info.get("updater"):
+            self.updater.name.setCurrentText(info["updater"])
+            self.updater.options.setText(format_options(info.get("options") or {}))
+        self.compare_b.name.setCurrentText("(none)")  # a loaded state continues as a single run
+        self.compare_c.name.setCurrentText("(none)")
+        self.loaded_note.setText(
+            f"<b>Loaded state</b> {info.get('path', '')}<br>Start continues its draft and updater "
+            f"(<b>{info.get('updater', '?')}</b>, {info.get('round', 0)} rounds learnt) on the stream "
+            "from prompt 0; the initial draft weights are not used. Change the model pair to drop it.")
+        self.loaded_note.show()
 
     def _sync(self) -> None:
         custom = self.pair_source.currentData() != "demo"
@@ -197,7 +290,8 @@ class SetupPanel(QWidget):
     # ---- spec --------------------------------------------------------------------------
     def pair_spec(self) -> PairSpec:
         return PairSpec(self.pair_source.currentData(), self.target.text(), self.draft.text(),
-                        self.draft_kind.currentText(), self.device.currentText())
+                        self.draft_kind.currentText(), self.device.currentText(),
+                        fast=self.fast.isChecked())
 
     def stream_spec(self) -> StreamSpec:
         kind, name = self.stream_kind.currentData() or ("bundled", "")
@@ -222,7 +316,7 @@ class SetupPanel(QWidget):
     # ---- QSettings ---------------------------------------------------------------------
     def _widgets(self) -> dict[str, QWidget]:
         return {"pair_source": self.pair_source, "target": self.target, "draft": self.draft,
-                "draft_kind": self.draft_kind, "device": self.device,
+                "draft_kind": self.draft_kind, "device": self.device, "fast": self.fast,
                 "updater": self.updater.name, "updater_options": self.updater.options,
                 "k": self.k, "dynamic_k": self.dynamic_k, "temperature": self.temperature,
                 "top_k": self.top_k, "top_p": self.top_p, "seed": self.seed, "max_new": self.max_new,
@@ -302,14 +396,23 @@ class ControlBar(QWidget):
             b.clicked.connect(sig.emit)
             lay.addWidget(b)
         lay.addSpacing(16)
-        lay.addWidget(QLabel("Switch updater:", self))
+        self.running_updater = QLabel("", self)
+        self.running_updater.setObjectName("running_updater")
+        self.running_updater.setToolTip("The updater(s) in use now (a live switch renames them)")
+        lay.addWidget(self.running_updater)
+        lay.addSpacing(8)
+        lay.addWidget(QLabel("Switch to:", self))
         self.switch_to = UpdaterPicker(self)
         self.switch_to.options.setMinimumWidth(160)
         self.b_switch = QPushButton("Apply at next round", self)
         self.b_switch.clicked.connect(self.switch.emit)
         lay.addWidget(self.switch_to, 1)
         lay.addWidget(self.b_switch)
+        self._wheel_guard = install_wheel_guard(self)
         self.set_state("idle")
+
+    def set_running_updater(self, text: str) -> None:
+        self.running_updater.setText(f"<b>updater:</b> {text}" if text else "")
 
     def set_state(self, state: str) -> None:
         running = state in ("loading", "running", "paused")

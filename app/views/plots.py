@@ -76,41 +76,57 @@ class PlotsView(QWidget):
                 p.legend.scene().removeItem(p.legend) if p.legend.scene() else None
                 p.legend = None
         self.names = list(names)
+        self.shared = shared
+        self.labels = list(names)
+        self._baseline_text = ""
         self._topic_items, self._switch_items, self._w_items = [], [], []
         self._n_topics = self._n_switches = 0
         self._baseline_line = None
+        self._baseline_pos = None
         self._w_k = 0
         self._xlim = 0.0
-        keys = []  # one legend for all plots, above them: nothing covers a curve
-        for i, n in enumerate(self.names):
-            col = CONFIG_COLORS[i % len(CONFIG_COLORS)]
-            dashed = shared and i > 0
-            keys.append(f"<span style='color:{col}; font-weight:bold'>"
-                        f"{'‒ ‒' if dashed else '━━'}</span>&nbsp;{_html(n)}"
-                        + (" <i>(target replayed)</i>" if dashed else ""))
-        keys.append("<span style='color:#444444'>- - -</span>&nbsp;target-only / 1×")
-        self.legend.setText("&nbsp;&nbsp;&nbsp;".join(keys))
-        self.legend.setToolTip("Dashed speed curves: in compare mode these configurations replay the "
-                               "target's recorded greedy pass, so their tokens/s leaves out most "
-                               "target time; tau, acceptance and loss are exact." if shared else "")
+        self._update_legend()
+        self.legend.setToolTip("In compare mode the configurations marked 'target replayed' reuse "
+                               "the target's recorded greedy pass: their speed is not measured (no "
+                               "throughput or speedup curve); compare their \u03c4, acceptance and "
+                               "loss, which are exact." if shared else "")
         self.c_tau, self.c_loss, self.c_speed, self.c_up, self.bars = [], [], [], [], []
         for i, n in enumerate(self.names):
             col = CONFIG_COLORS[i % len(CONFIG_COLORS)]
             pen = pg.mkPen(col, width=2)
             self.c_tau.append(self._curve(self.p_tau, pen, n))
             self.c_loss.append(self._curve(self.p_loss, pen, n))
-            replay = shared and i > 0
-            spen = pg.mkPen(col, width=2, style=Qt.PenStyle.DashLine) if replay else pen
-            sname = f"{n} (target replayed)" if replay else n
-            self.c_speed.append(self._curve(self.p_speed, spen, sname))
-            self.c_up.append(self._curve(self.p_up, spen, sname))
             bars = pg.BarGraphItem(x=[], height=[], width=0.8 / len(self.names), brush=col, name=n)
             self.p_pos.addItem(bars)
             self.bars.append(bars)
+            if shared and i > 0:  # replayed: its tokens/s is not a speed; no curve at all
+                self.c_speed.append(None)
+                self.c_up.append(None)
+                continue
+            self.c_speed.append(self._curve(self.p_speed, pen, n))
+            self.c_up.append(self._curve(self.p_up, pen, n))
         one = pg.InfiniteLine(pos=1.0, angle=0, pen=pg.mkPen("#777777", style=Qt.PenStyle.DashLine))
         self.p_up.addItem(one)
         self.p_w.setTitle("<span style='font-size:10pt'>Ensemble weights (stacked)</span> "
                           "<span style='font-size:8pt; color:#777777'>&mdash; ensemble updater only</span>")
+
+    def replayed(self, i: int) -> bool:
+        return self.shared and i > 0
+
+    def set_labels(self, labels: list[str]) -> None:
+        """New names for the configs (a live switch: 'frozen \u2192 ogd')."""
+        self.labels = list(labels) + self.names[len(labels):]
+        self._update_legend()
+
+    def _update_legend(self) -> None:
+        keys = []  # one legend for all plots, above them: nothing covers a curve
+        for i, n in enumerate(self.labels):
+            col = CONFIG_COLORS[i % len(CONFIG_COLORS)]
+            keys.append(f"<span style='color:{col}; font-weight:bold'>\u2501\u2501</span>&nbsp;{_html(n)}"
+                        + (" <i>(target replayed: \u03c4 only, no speed)</i>" if self.replayed(i) else ""))
+        keys.append("<span style='color:#444444'>- - -</span>&nbsp;target-only"
+                    + (f" {self._baseline_text}" if self._baseline_text else " / 1\u00d7"))
+        self.legend.setText("&nbsp;&nbsp;&nbsp;".join(keys))
 
     def _curve(self, plot: pg.PlotItem, pen, name: str) -> pg.PlotDataItem:
         c = plot.plot([], [], pen=pen, name=name, connect="finite", antialias=True)
@@ -135,9 +151,10 @@ class PlotsView(QWidget):
                     self.bars[i].setOpts(x=np.arange(1, len(acc) + 1) + off, height=acc)
             if bottom:
                 self.c_loss[i].setData(x, s.loss.view())
-                self.c_speed[i].setData(x, s.tok_s.view())
-                if log.baseline_tok_s:
-                    self.c_up[i].setData(x, s.tok_s.view() / log.baseline_tok_s)
+                if self.c_speed[i] is not None:
+                    self.c_speed[i].setData(x, s.tok_s.view())
+                    if log.baseline_tok_s:  # never above the rolling tau: a round costs >= 1 target step
+                        self.c_up[i].setData(x, np.minimum(s.tok_s.view() / log.baseline_tok_s, s.tau.view()))
         if xmax > self._xlim:  # x in steps (x1.5): axes repaint rarely; linked plots follow
             self._xlim = max(16.0, xmax * 1.5)
             self.p_tau.setXRange(0, self._xlim, padding=0.02)
@@ -147,13 +164,19 @@ class PlotsView(QWidget):
             self._weights(log)
         elif bottom:
             self._topics(log)
-        if log.baseline_tok_s and self._baseline_line is None:
-            pen = pg.mkPen("#444444", width=1.5, style=Qt.PenStyle.DashLine)
-            self._baseline_line = pg.InfiniteLine(
-                pos=log.baseline_tok_s, angle=0, pen=pen, label=f"target-only {log.baseline_tok_s:.0f} tok/s",
-                labelOpts={"position": 0.98, "color": "#444444", "anchors": [(1, 0), (1, 0)],
-                           "fill": (255, 255, 255, 180)})
-            self.p_speed.addItem(self._baseline_line)
+        if log.baseline_tok_s and self._baseline_pos != log.baseline_tok_s:
+            # the line carries no label (it sat on the curve): the legend above says the number
+            if self._baseline_line is None:
+                pen = pg.mkPen("#444444", width=1.5, style=Qt.PenStyle.DashLine)
+                self._baseline_line = pg.InfiniteLine(pos=log.baseline_tok_s, angle=0, pen=pen)
+                self.p_speed.addItem(self._baseline_line)
+            self._baseline_line.setValue(log.baseline_tok_s)
+            self._baseline_pos = log.baseline_tok_s
+            lo, hi = log.baseline_spread or (log.baseline_tok_s, log.baseline_tok_s)
+            n = len(log.baseline_samples)
+            self._baseline_text = (f"{log.baseline_tok_s:.0f} tok/s (median of {n}"
+                                   + (f", {lo:.0f}\u2013{hi:.0f}" if n > 1 else "") + ") = 1\u00d7")
+            self._update_legend()
 
     def _topics(self, log: RunLog) -> None:
         """Shade each topic's span in the tau and loss plots; label it at the top."""
@@ -182,14 +205,18 @@ class PlotsView(QWidget):
             items, x0 = self._topic_items[-1]
             for r in items[:2]:
                 r.setRegion((x0, max(end, x0 + 1)))
-        (y0, y1) = self.p_tau.viewRange()[1]
+        (x_lo, x_hi), (y0, y1) = self.p_tau.viewRange()
         for j, (items, x0) in enumerate(self._topic_items):  # alternate rows: short spans never collide
+            near_right = x0 > x_lo + 0.8 * (x_hi - x_lo)  # would run past the right edge: end at x0
+            items[2].setAnchor((1, 0) if near_right else (0, 0))
             items[2].setPos(x0, y1 - (j % 2) * 0.13 * (y1 - y0))
 
     def _switches(self, log: RunLog) -> None:
-        for x, a, b in log.switches[self._n_switches:]:
+        for j, (x, a, b) in enumerate(log.switches[self._n_switches:], start=self._n_switches):
+            # low in the plot (topic labels live at the top), alternating rows for close switches
             line = pg.InfiniteLine(pos=x, angle=90, pen=pg.mkPen("#D55E00", width=2, style=Qt.PenStyle.DashLine),
-                                   label=f"\u2192 {b}", labelOpts={"position": 0.85, "color": "#D55E00",
+                                   label=f"\u2192 {b}", labelOpts={"position": 0.08 + 0.12 * (j % 3),
+                                                                   "color": "#D55E00", "anchors": [(0, 1), (0, 1)],
                                                                    "fill": (255, 255, 255, 200)})
             self.p_tau.addItem(line)
             self._switch_items.append(line)

@@ -112,6 +112,8 @@ class TokenView(QWidget):
             return
         bar = self.text.verticalScrollBar()
         at_end = bar.value() >= bar.maximum() - 4
+        if at_end and QToolTip.isVisible():
+            QToolTip.hideText()  # the text under it is about to scroll: a stale tooltip misleads
         c = self._cursor()
         c.beginEditBlock()
         for kind, d in items:
@@ -191,10 +193,11 @@ class TokenView(QWidget):
     def tooltip_for(self, info: TokenInfo) -> str:
         label = PALETTE[info.origin][2]
         lines = [f"<b>{_esc(info.token)!s}</b> &mdash; {label}", f"round {info.round}"]
+        if info.origin == "correction" and info.drafted is not None:
+            # quoted and with visible whitespace: a proposed "|" must not read as a round boundary
+            lines.append(f"the draft had proposed \u201c<b>{_esc(display(info.drafted))}</b>\u201d (rejected)")
         if info.draft_p is not None:
-            what = f" (draft proposed <b>{_esc(info.drafted)}</b>)" if info.drafted is not None \
-                and info.origin == "correction" else ""
-            lines.append(f"draft prob q = {info.draft_p:.3f}{what}")
+            lines.append(f"draft prob q = {info.draft_p:.3f}")
         if info.target_p is not None:
             lines.append(f"target prob p = {info.target_p:.3f}")
         return "<br>".join(lines)
