@@ -138,3 +138,8 @@ def test_arctic_backend_is_lossless(pair_dirs):
         ids = pair.tokenizer(prompt)["input_ids"]
         assert eng.generate(ids, max_new_tokens=20).token_ids == hf_greedy(pair.target, ids, 20)
     assert pair.draft.stats()["sequences"] == 6 and pair.draft.hits["stream"] > 0
+    import copy
+    twin = copy.deepcopy(pair.draft)  # the bench clones drafts: the native tree is rebuilt
+    seq = pair.tokenizer(PROMPTS[1])["input_ids"]
+    assert twin.arctic.tokens == pair.draft.arctic.tokens
+    assert twin.arctic.speculate(seq, 4) == pair.draft.arctic.speculate(seq, 4)

@@ -287,10 +287,11 @@ class _ArcticStream:
             raise OnlineSpecError(
                 "ngram backend 'arctic' needs the arctic-inference package (pip install arctic-inference, "
                 "a source build: C++20 compiler and cmake); use backend='python' (the default)") from e
+        self.max_n = max_n
         self.depth = max(max_n, 24)
         self.tree = SuffixTree(self.depth)
         self.max_tokens = max_tokens
-        self.docs: deque[tuple[int, int]] = deque()  # (seq id, length)
+        self.docs: deque[tuple[int, list[int]]] = deque()  # (seq id, tokens), oldest first
         self.tokens = 0
         self.next_id = 0
         self.evicted = 0
@@ -298,15 +299,23 @@ class _ArcticStream:
     def add(self, tokens: list[int]) -> None:
         tokens = list(tokens[-self.max_tokens:])
         while self.docs and self.tokens + len(tokens) > self.max_tokens:
-            sid, n = self.docs.popleft()
+            sid, old = self.docs.popleft()
             self.tree.remove(sid)
-            self.tokens -= n
+            self.tokens -= len(old)
             self.evicted += 1
         sid = self.next_id
         self.next_id += 1
         self.tree.extend(sid, tokens)
-        self.docs.append((sid, len(tokens)))
+        self.docs.append((sid, tokens))
         self.tokens += len(tokens)
+
+    def __deepcopy__(self, memo: dict) -> "_ArcticStream":
+        """The native tree does not pickle: rebuild it from the sequences it holds."""
+        new = _ArcticStream(self.max_n, self.max_tokens)
+        for _, tokens in self.docs:
+            new.add(tokens)
+        new.evicted, new.next_id = self.evicted, max(new.next_id, self.next_id)
+        return new
 
     def speculate(self, toks: list[int], k: int) -> tuple[int, list[int]]:
         ctx = toks[-self.depth:]
