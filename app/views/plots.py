@@ -18,6 +18,7 @@ pg.setConfigOptions(background="w", foreground="k", antialias=False)  # curves o
 
 CONFIG_COLORS = ["#0072B2", "#E69F00", "#CC79A7"]  # Okabe-Ito: blue, orange, reddish purple
 EXPERT_COLORS = ["#56B4E9", "#009E73", "#F0E442", "#D55E00", "#CC79A7", "#999999"]
+W_POINTS = 600  # points per stacked weight curve (the plot is a few hundred pixels wide)
 TOPIC_BRUSHES = ["#E8F1FA", "#FBEFE0", "#EAF6EF", "#F6E9F2", "#F4F4E2"]
 X_LABEL = "tokens generated"
 
@@ -129,7 +130,7 @@ class PlotsView(QWidget):
         self.legend.setText("&nbsp;&nbsp;&nbsp;".join(keys))
 
     def _curve(self, plot: pg.PlotItem, pen, name: str) -> pg.PlotDataItem:
-        c = plot.plot([], [], pen=pen, name=name, connect="finite", antialias=True)
+        c = plot.plot([], [], pen=pen, name=name, connect="finite", antialias=False)  # aa: 5x the paint time
         c.setDownsampling(auto=True, method="peak")
         c.setClipToView(True)
         return c
@@ -223,11 +224,14 @@ class PlotsView(QWidget):
         self._n_switches = len(log.switches)
 
     def _weights(self, log: RunLog) -> None:
+        """Stacked expert weights: one filled curve per cumulative sum, drawn from the top layer
+        down (each fills to 0 over the previous), at most W_POINTS points: no FillBetweenItem,
+        whose path rebuild on every setData grew with the run (the UI stalls of long runs)."""
         s = next((s for s in log.series if s.weights), None)
         if s is None:
             return
         kk = len(s.weights[-1])
-        step = max(1, len(s.weights) // 4000)  # at most ~4000 stacked points per refresh
+        step = max(1, len(s.weights) // W_POINTS)
         idx = [i for i in range(len(s.weights) - 1, -1, -step) if len(s.weights[i]) == kk][::-1]
         w = np.asarray([s.weights[i] for i in idx], dtype=float)
         x = _arr([s.weights_x[i] for i in idx])
@@ -236,21 +240,17 @@ class PlotsView(QWidget):
             for it in self._w_items:
                 self.p_w.removeItem(it)
             self._w_items, self._w_curves = [], []
-            base = self.p_w.plot([], [], pen=pg.mkPen(None))
-            self._w_curves.append(base)
             for j in range(k):
                 col = EXPERT_COLORS[j % len(EXPERT_COLORS)]
-                c = self.p_w.plot([], [], pen=pg.mkPen("#333333", width=0.8))
-                fill = pg.FillBetweenItem(self._w_curves[-1], c, brush=pg.mkBrush(col))
-                self.p_w.addItem(fill)
+                c = self.p_w.plot([], [], pen=pg.mkPen("#333333", width=0.8), fillLevel=0.0,
+                                  brush=pg.mkBrush(col))
+                c.setZValue(-j)  # expert 0's layer on top, the full stack at the back
                 self._w_curves.append(c)
-                self._w_items += [c, fill]
-            self._w_items.append(base)
+                self._w_items.append(c)
             self._w_k = k
         cum = np.cumsum(w, axis=1)
-        self._w_curves[0].setData(x, np.zeros_like(x))
         for j in range(k):
-            self._w_curves[j + 1].setData(x, cum[:, j])
+            self._w_curves[j].setData(x, cum[:, j])
         keys = []  # legend in the title: one coloured square per expert with its step size
         for j in range(k):
             lr = s.step_sizes[j] if j < len(s.step_sizes) else None
