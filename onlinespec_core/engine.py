@@ -39,6 +39,7 @@ class EngineConfig:
     top_p: float = 1.0
     seed: int = 0
     dynamic_k: bool = False  # HF's heuristic: +2 after a fully accepted round, -1 otherwise
+    cost_k: bool = False  # per round, the k in 0..k_max with the most expected tokens/s (kpolicy)
     k_min: int = 1
     k_max: int = 16
     feedback_window: int = 256  # context ids kept in each Round for the draft's online loss
@@ -57,7 +58,8 @@ class EngineConfig:
                 f"seed must be an integer in 0..2**63-1; got {self.seed!r}")
         require(_is_int(self.feedback_window) and self.feedback_window >= 0,
                 f"feedback_window must be an integer >= 0; got {self.feedback_window!r}")
-        for name in ("dynamic_k", "keep_distributions", "refresh_draft_cache"):
+        require(not (self.dynamic_k and self.cost_k), "pick one of dynamic_k and cost_k")
+        for name in ("dynamic_k", "cost_k", "keep_distributions", "refresh_draft_cache"):
             require(isinstance(getattr(self, name), bool),
                     f"{name} must be True or False; got {getattr(self, name)!r}")
         SamplingConfig(self.temperature, self.top_k, self.top_p)  # validates
@@ -111,6 +113,7 @@ class Engine:
         self.device = pair.device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.round_index = 0
+        self._costk = None  # kpolicy.CostK when config.cost_k (built at the first round)
         self.metrics = Metrics()  # lifetime totals (all prompts)
         self.updater_name = updater
         self.updater_options = dict(updater_options or {})
@@ -355,13 +358,18 @@ class Engine:
                     break
                 budget = max_new_tokens - (state.seq.numel() - state.prompt_len)
                 k = self.config.k if draft is not None else 0
-                if draft is not None and draft.needs_hidden and state.cache.get_seq_length() == 0:
+                prefill = state.cache.get_seq_length() == 0
+                if draft is not None and self.config.cost_k:
+                    k = self._cost_k().best_k()
+                if draft is not None and draft.needs_hidden and prefill:
                     k = 0  # feature drafts need the target's hidden states: round 0 is the prefill
                 rnd = run_round(self.pair.target, draft, state, k, self.sampling, self.generator,
                                 self.round_index, eos, budget, self.config.feedback_window,
                                 self.verify_fn)
                 rnd.topic, rnd.prompt_index = topic, prompt_index
                 self.round_index += 1
+                if draft is not None and self.config.cost_k:
+                    self._cost_k().observe(rnd, prefill)
                 if draft is not None and rnd.k > 0:
                     t0 = time.perf_counter()
                     rnd.updated = bool(self.updater.observe(rnd))
@@ -393,6 +401,13 @@ class Engine:
         kind = "stopped" if self._stop else "done"
         yield Event(kind, data={"token_ids": new, "stats": self._stats(metrics),
                                 "topic": topic, "prompt_index": prompt_index})
+
+    def _cost_k(self):
+        from .kpolicy import CostK
+        c = self.config
+        if self._costk is None or self._costk.k_max != c.k_max:
+            self._costk = CostK(k_max=c.k_max, k_min=0)
+        return self._costk
 
     def _stats(self, m: Metrics) -> dict[str, Any]:
         d = m.as_dict()

@@ -1,0 +1,67 @@
+"""Cost-aware draft length: the policy's arithmetic, and the engine stays lossless under it."""
+from __future__ import annotations
+
+import torch
+
+import onlinespec_core as osc
+from onlinespec_core.feedback import Round
+from onlinespec_core.kpolicy import CostK
+
+
+def _round(k: int, accepted: int, draft_s: float, verify_s: float) -> Round:
+    return Round(index=0, context_len=10, k=k, drafted=[1] * k, accepted=accepted,
+                 emitted=[1] * (accepted + 1), kind="correction", draft_s=draft_s, verify_s=verify_s)
+
+
+def feed(p: CostK, k: int, accepted: int, d: float = 0.1e-3, t1: float = 5e-3, per_row: float = 0.4e-3,
+         n: int = 30) -> None:
+    for _ in range(n):
+        p.observe(_round(0, 0, 0.0, t1), prefill=False)
+        p.observe(_round(k, accepted, k * d, t1 + k * per_row), prefill=False)
+
+
+def test_never_drafts_when_the_draft_is_never_right_but_probes():
+    p = CostK(k_max=8, probe_every=4)
+    feed(p, 4, 0)
+    assert p.alpha < 0.05
+    ks = [p.best_k() for _ in range(12)]
+    assert ks.count(0) == 9 and ks.count(1) == 3  # every 4th round drafts one token to re-measure
+
+
+def test_drafts_long_when_the_draft_is_good_and_cheap():
+    p = CostK(k_max=8)
+    feed(p, 4, 4)  # every position accepted
+    assert p.alpha > 0.9 and p.best_k() == 8
+    assert p.rate(8) > p.rate(4) > p.rate(0)
+
+
+def test_a_middling_draft_gets_a_middling_k():
+    p = CostK(k_max=16)
+    feed(p, 4, 1, per_row=1.0e-3)  # a ~ 0.5, each verified row costs 20% of a step
+    k = p.best_k()
+    assert 1 <= k <= 4
+    assert p.rate(k) >= max(p.rate(j) for j in range(17)) - 1e-12
+    assert p.t_of(9) > p.t_of(5) > p.t_of(1)  # unseen row counts: a line through the seen ones
+
+
+def test_engine_with_cost_k_is_lossless_and_uses_k0(pair_dirs):
+    t, d = pair_dirs["llama"]
+    pair = osc.load_pair(target=str(t), draft=str(d))  # a random draft: almost never right
+    ids = pair.tokenizer("def add(a, b):")["input_ids"]
+    ref = pair.target.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=60, pad_token_id=2,
+                               attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
+    eng = osc.Engine(pair, k=4, cost_k=True, k_max=8)
+    out = eng.generate(ids, max_new_tokens=60)
+    assert out.token_ids == ref
+    ks = [r.k for r in out.rounds]
+    assert 0 in ks and max(ks) <= 8
+    samp = osc.Engine(pair, k=4, cost_k=True, temperature=1.0, seed=3).generate(ids, 30)
+    assert len(samp.token_ids) == 30
+
+
+def test_cost_k_excludes_dynamic_k(pair_dirs):
+    import pytest
+    t, d = pair_dirs["llama"]
+    pair = osc.load_pair(target=str(t), draft=str(d))
+    with pytest.raises(osc.OnlineSpecError, match="dynamic_k and cost_k"):
+        osc.Engine(pair, k=4, cost_k=True, dynamic_k=True)
