@@ -16,6 +16,7 @@ Only on CPU: on CUDA the plain HF path runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -238,12 +239,10 @@ class LeanLM:
             g, u = lay.gate_up[0](h), lay.gate_up[1](h)
         return lay.down(self.act(g) * u)
 
-    def forward(self, ids: torch.Tensor, cache: KVCache, keep: int = 1,
-                need_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """ids [n] at positions cache.length.. -> (logits [keep, V] of the last keep positions,
-        final-norm hidden states [n, H] when need_hidden). Appends n positions to the cache."""
-        n, start = ids.numel(), cache.length
-        cache.reserve(start + n)
+    def _layers(self, ids: torch.Tensor, start: int, kv: Callable) -> torch.Tensor:
+        """The decoder stack over ids [n] at positions start..; kv(layer, k, v) -> every key and
+        value the new queries attend to ([H_kv, start+n, D]). Returns the final-norm states."""
+        n = ids.numel()
         x = self.embed(ids)  # [n, H]
         cos, sin = self.rope(x, start, n)
         # query i (position start+i) sees keys 0..start+i
@@ -254,38 +253,32 @@ class LeanLM:
             q, k, v = self._qkv(lay, h)
             q = rotate(q.view(n, self.n_heads, self.head_dim).transpose(0, 1), cos, sin)
             k = rotate(k.view(n, self.n_kv, self.head_dim).transpose(0, 1), cos, sin)
-            v = v.view(n, self.n_kv, self.head_dim).transpose(0, 1)
-            ks, vs = cache.write(li, k, v)
+            ks, vs = kv(li, k, v.view(n, self.n_kv, self.head_dim).transpose(0, 1))
             att = F.scaled_dot_product_attention(q[None], ks[None], vs[None], attn_mask=mask,
                                                  scale=self.scale, enable_gqa=self.n_kv != self.n_heads)
             x = x + lay.o(att[0].transpose(0, 1).reshape(n, -1))
             x = x + self._mlp(lay, rms_norm(x, lay.post_norm, self.eps))
-        cache.length = start + n
-        hidden = rms_norm(x, self.norm.weight, self.eps)
-        return self.lm_head(hidden[-keep:]), (hidden if need_hidden else None)
+        return rms_norm(x, self.norm.weight, self.eps)
 
+    def forward(self, ids: torch.Tensor, cache: KVCache, keep: int = 1,
+                need_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """ids [n] at positions cache.length.. -> (logits [keep, V] of the last keep positions,
+        final-norm hidden states [n, H] when need_hidden). Appends n positions to the cache."""
+        n, start = ids.numel(), cache.length
+        cache.reserve(start + n)
+        hidden = self._layers(ids, start, cache.write)
+        cache.length = start + n
+        return self.lm_head(hidden[-keep:]), (hidden if need_hidden else None)
 
     def forward_after(self, ids: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         """Training form (grad on): logits [n, V] of ids [n] at positions start.., attending to
         the cache's keys/values of positions < start as constants (no gradient flows into the
         context: its K/V are the ones the proposal computed with these same weights)."""
-        n = ids.numel()
-        x = self.embed(ids)
-        cos, sin = self.rope(x, start, n)
-        mask = torch.ones(n, start + n, dtype=torch.bool, device=ids.device).tril(diagonal=start)
-        for li, lay in enumerate(self.layers):
-            h = rms_norm(x, lay.in_norm, self.eps)
-            q, k, v = self._qkv(lay, h)
-            q = rotate(q.view(n, self.n_heads, self.head_dim).transpose(0, 1), cos, sin)
-            k = rotate(k.view(n, self.n_kv, self.head_dim).transpose(0, 1), cos, sin)
-            v = v.view(n, self.n_kv, self.head_dim).transpose(0, 1)
-            ks = torch.cat([cache.k[li][:, :start].clone(), k], dim=1)  # clone: out of inference mode
-            vs = torch.cat([cache.v[li][:, :start].clone(), v], dim=1)
-            att = F.scaled_dot_product_attention(q[None], ks[None], vs[None], attn_mask=mask,
-                                                 scale=self.scale, enable_gqa=self.n_kv != self.n_heads)
-            x = x + lay.o(att[0].transpose(0, 1).reshape(n, -1))
-            x = x + self._mlp(lay, rms_norm(x, lay.post_norm, self.eps))
-        return self.lm_head(rms_norm(x, self.norm.weight, self.eps))
+        def kv(li: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            # clone: the cache was written under inference_mode
+            return (torch.cat([cache.k[li][:, :start].clone(), k], dim=1),
+                    torch.cat([cache.v[li][:, :start].clone(), v], dim=1))
+        return self.lm_head(self._layers(ids, start, kv))
 
     def weights_version(self) -> int:
         """Changes whenever any weight is written in place (optimizer steps, load_state)."""
