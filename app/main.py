@@ -26,11 +26,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compare", nargs="*", default=None, metavar="UPDATER",
                    help="screenshot mode: compare with these updaters (up to two)")
     p.add_argument("--k", type=int)
+    p.add_argument("--no-fast", action="store_true",
+                   help="run the plain Hugging Face forward instead of the fast decode path (CPU)")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--shift-every", type=int, default=0, metavar="N",
                    help="screenshot mode: press 'Shift topic' every N rounds (shows topic changes)")
     p.add_argument("--timeout", type=float, default=300.0, help="screenshot mode: give up after seconds")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Values the window's widgets would clamp or ignore are errors here (exit 2, with the fix)."""
+    from onlinespec_core.engine import K_MAX, MAX_NEW_TOKENS
+    from onlinespec_core.updaters import available_updaters
+    names = available_updaters()
+    if args.k is not None and not 0 <= args.k <= K_MAX:
+        p.error(f"--k {args.k}: must be in 0..{K_MAX} (0 = target-only decoding)")
+    top = min(MAX_NEW_TOKENS, 1_000_000)  # the window's spin box range
+    if args.max_new_tokens is not None and not 1 <= args.max_new_tokens <= top:
+        p.error(f"--max-new-tokens {args.max_new_tokens}: must be in 1..{top}")
+    for name in ([args.updater] if args.updater else []) + [n for n in (args.compare or []) if n != "(none)"]:
+        if name not in names:
+            p.error(f"unknown updater {name!r}; choose one of {', '.join(names)}")
+    if args.compare is not None and len(args.compare) > 2:
+        p.error("--compare takes at most two updaters")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,6 +109,8 @@ def _apply_args(win, args: argparse.Namespace) -> None:
     if args.compare is not None:
         for picker, name in zip((s.compare_b, s.compare_c), args.compare + ["(none)", "(none)"]):
             picker.name.setCurrentText(name)
+    if args.no_fast:
+        s.fast.setChecked(False)
     if args.k is not None:
         s.k.setValue(args.k)
     if args.max_new_tokens:

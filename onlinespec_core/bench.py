@@ -43,6 +43,7 @@ from .sampling import SamplingConfig
 from .runner import (add_pair_args, load_items, load_pair_from_args, machine_info, parse_options,
                      parse_value)
 
+COST_K = "+cost_k"  # method suffix: the updater with EngineConfig.cost_k
 AR, HF, HF_AR = "target_ar", "hf_assisted", "hf_target_only"
 HF_K, HF_PL, NGRAM, NGRAM_ARCTIC = "hf_assisted_k", "hf_prompt_lookup", "ngram", "ngram_arctic"
 EXTRA_METHODS = (HF_AR, NGRAM_ARCTIC)  # only when asked for with --methods
@@ -265,7 +266,10 @@ def check_methods(names: list[str]) -> None:
         from .drafts.ngram import _ArcticStream
         _ArcticStream(4, 16)  # a clear error now when arctic-inference is missing
     for n in names:
-        require(n in known, f"unknown bench method {n!r}; choose from {', '.join(known)}")
+        base = n[: -len(COST_K)] if n.endswith(COST_K) else n
+        require(n in known or base in available_updaters(),
+                f"unknown bench method {n!r}; choose from {', '.join(known)} "
+                f"(an updater name + {COST_K!r} runs it with the cost-aware draft length)")
 
 
 def make_method(name: str, pair, cfg: BenchConfig) -> Method:
@@ -279,6 +283,11 @@ def make_method(name: str, pair, cfg: BenchConfig) -> Method:
     if name in (NGRAM, NGRAM_ARCTIC):
         opts = {**cfg.ngram_options, **({"backend": "arctic"} if name == NGRAM_ARCTIC else {})}
         return EngineMethod(name, ngram_pair(pair, opts), cfg.k, cfg.seed, engine_options=eopts)
+    if name.endswith(COST_K):  # e.g. frozen+cost_k: k chosen per round from measured costs
+        base = name[: -len(COST_K)]
+        return EngineMethod(name, pair, cfg.k, cfg.seed, updater=base,
+                            options=cfg.updater_options.get(base, {}),
+                            engine_options={**eopts, "cost_k": True, "k_max": max(cfg.k, 8)})
     return EngineMethod(name, pair, cfg.k, cfg.seed, updater=name,
                         options=cfg.updater_options.get(name, {}), engine_options=eopts)
 

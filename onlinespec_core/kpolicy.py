@@ -5,8 +5,9 @@ With a per-position acceptance rate a, a round with draft length k emits
 E(k) = sum_{i=0..k} a^i = (1 - a^(k+1)) / (1 - a) tokens and costs k*d + t(k+1) seconds (d: one
 draft step, t(n): a target forward of n tokens); k = 0 is plain decoding at 1 / t(1). a is a
 decayed count of accepted vs rejected positions, d and t(n) are running means of the rounds'
-timings (t(n) for unseen n from a line through the seen ones). When k = 0 wins, every
-`probe_every`-th round still drafts one token, so a keeps tracking a draft that learns.
+timings (t(n) for unseen n from a line through the seen ones). When k = 0 wins, a probe round
+still drafts one token, so a keeps tracking a draft that learns: after `probe_every` rounds,
+the gap doubling after each probe the draft loses (up to `probe_max`) and resetting when one wins.
 Lossless like any k: only how many tokens are drafted changes, never how they are checked.
 """
 from __future__ import annotations
@@ -21,12 +22,15 @@ class CostK:
     k_max: int
     k_min: int = 0
     probe_every: int = 8
+    probe_max: int = 64
     decay: float = 0.9  # weight of the past in every running estimate
     accepted: float = 1.0  # decayed counts of accepted / rejected draft positions (prior a = 0.5)
     rejected: float = 1.0
     draft_s: float | None = None  # seconds per drafted token
     t: dict[int, float] = field(default_factory=dict)  # n fed tokens -> seconds per target forward
     since_probe: int = 0
+    gap: int = 0  # rounds between probes now (probe_every .. probe_max)
+    probing: bool = False
 
     @property
     def alpha(self) -> float:
@@ -35,6 +39,10 @@ class CostK:
     def observe(self, rnd: Round, prefill: bool) -> None:
         """Fold one round in (prefill: the round also fed the prompt; its verify time is not t(k+1))."""
         g = self.decay
+        if self.probing:
+            self.probing = False
+            won = rnd.accepted > 0
+            self.gap = self.probe_every if won else min(self.probe_max, 2 * max(self.gap, self.probe_every))
         if rnd.k > 0:
             self.accepted = g * self.accepted + rnd.accepted
             self.rejected = g * self.rejected + (1.0 if rnd.accepted < rnd.k else 0.0)
@@ -75,7 +83,8 @@ class CostK:
             self.since_probe = 0
             return k
         self.since_probe += 1
-        if self.since_probe >= self.probe_every:
+        if self.since_probe >= max(self.gap, self.probe_every):
             self.since_probe = 0
+            self.probing = True
             return min(1, self.k_max)
         return 0

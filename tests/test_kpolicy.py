@@ -21,11 +21,21 @@ def feed(p: CostK, k: int, accepted: int, d: float = 0.1e-3, t1: float = 5e-3, p
 
 
 def test_never_drafts_when_the_draft_is_never_right_but_probes():
-    p = CostK(k_max=8, probe_every=4)
+    p = CostK(k_max=8, probe_every=4, probe_max=16)
     feed(p, 4, 0)
     assert p.alpha < 0.05
-    ks = [p.best_k() for _ in range(12)]
-    assert ks.count(0) == 9 and ks.count(1) == 3  # every 4th round drafts one token to re-measure
+    ks = []
+    for _ in range(60):
+        k = p.best_k()
+        ks.append(k)
+        p.observe(_round(k, 0, k * 1e-4, 5e-3 + k * 4e-4), prefill=False)  # every probe loses
+    probes = [i for i, k in enumerate(ks) if k == 1]
+    assert set(ks) == {0, 1}
+    assert [b - a for a, b in zip(probes, probes[1:])][:3] == [8, 16, 16]  # the gap doubles after each lost probe, capped
+    p.since_probe = p.gap  # the next round probes; this probe wins -> back to probing often
+    assert p.best_k() == 1
+    p.observe(_round(1, 1, 1e-4, 5.4e-3), prefill=False)
+    assert p.gap == 4
 
 
 def test_drafts_long_when_the_draft_is_good_and_cheap():
@@ -65,3 +75,20 @@ def test_cost_k_excludes_dynamic_k(pair_dirs):
     pair = osc.load_pair(target=str(t), draft=str(d))
     with pytest.raises(osc.OnlineSpecError, match="dynamic_k and cost_k"):
         osc.Engine(pair, k=4, cost_k=True, dynamic_k=True)
+
+
+def test_bench_runs_an_updater_with_cost_k(pair_dirs, tmp_path):
+    import json
+
+    from onlinespec_core import bench
+    t, d = pair_dirs["llama"]
+    stream = tmp_path / "s.jsonl"
+    stream.write_text("\n".join(json.dumps({"topic": "code", "prompt": p}) for p in
+                                ("def add(a, b):", "def sub(a, b):")) + "\n")
+    out = tmp_path / "b.json"
+    assert bench.main(["--pair", str(t), "--draft", str(d), "--stream", str(stream), "--k", "3",
+                       "--max-new-tokens", "12", "--reps", "1", "--warmup-tokens", "4", "--costs", "off",
+                       "--methods", "target_ar,frozen,frozen+cost_k", "--no-progress", "--json", str(out)]) == 0
+    runs = {r["name"]: r for r in json.loads(out.read_text())["runs"]}
+    assert set(runs) == {"target_ar", "frozen", "frozen+cost_k"}
+    assert runs["frozen+cost_k"]["tau"] >= 1.0
