@@ -35,6 +35,7 @@ class ModelPair:
     draft_kind: str = "lm"
     target_source: str | None = None
     draft_source: str | None = None
+    fast: bool = False  # the fast decode path is attached (models.set_fast)
 
     @property
     def device(self) -> torch.device:
@@ -103,12 +104,22 @@ def load_causal_lm(source: str, role: str, device: str | torch.device = "cpu", d
         raise OnlineSpecError(
             f"{role} {source!r} is a {config.model_type!r} model, not a causal language model; "
             "pick a decoder-only model that AutoModelForCausalLM can load (Llama, Qwen2, GPT-2, ...)")
+    arch = [a for a in (getattr(config, "architectures", None) or []) if isinstance(a, str)]
+    if not remote and (
+            (arch and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in arch))
+            or (not arch and config.model_type in ENCODER_TYPES and not getattr(config, "is_decoder", False))):
+        raise OnlineSpecError(
+            f"{role} {source!r} is a {config.model_type!r} model saved as {', '.join(arch) or 'an encoder'}, "
+            "not a causal language model (its head would be random); pick a decoder-only model "
+            "(Llama, Qwen2, GPT-2, ...)")
     kw: dict[str, Any] = {"dtype": parse_dtype(dtype), "trust_remote_code": trust_remote_code,
-                          "use_safetensors": True}
+                          "use_safetensors": True, "output_loading_info": True}
     if device_map is not None:
         kw["device_map"] = device_map  # accelerate places the layers (targets larger than one device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(src, **kw)
+        model, info = AutoModelForCausalLM.from_pretrained(src, **kw)
+    except OnlineSpecError:
+        raise
     except ValueError as e:
         if "Unrecognized configuration" in str(e) or "AutoModelForCausalLM" in str(e):
             raise OnlineSpecError(
@@ -119,6 +130,20 @@ def load_causal_lm(source: str, role: str, device: str | torch.device = "cpu", d
         raise OnlineSpecError(
             f"could not load the {role} weights from {source!r} ({str(e)[:200]}); the directory needs "
             "*.safetensors weights (pickled .bin weights are refused for safety)") from e
+    except Exception as e:  # SafetensorError (truncated/empty file), size mismatch (RuntimeError), ...
+        msg = str(e)
+        why = ("the weights do not match the shapes in config.json" if "mismatch" in msg.lower()
+               else "a *.safetensors file is truncated, empty or corrupt" if "safetensor" in
+               (type(e).__name__ + msg).lower() or "header" in msg.lower() else "the files are unreadable")
+        raise OnlineSpecError(
+            f"could not load the {role} weights from {source!r}: {why} ({type(e).__name__}: {msg[:200]}); "
+            "re-download or re-save the model (model.save_pretrained(dir)) with config and weights "
+            "from the same model") from e
+    missing = list((info or {}).get("missing_keys") or [])
+    if missing:
+        raise OnlineSpecError(
+            f"the {role} weights in {source!r} lack {len(missing)} tensor(s) the config needs (e.g. "
+            f"{sorted(missing)[:3]}), so they would be random; use weights saved with this config")
     if device_map is None:
         model.to(device)
     model.eval()
@@ -149,11 +174,33 @@ def check_tokenizers(target_tok, draft_tok) -> None:
             raise OnlineSpecError(
                 f"draft and target tokenizers differ: id {i} is {a!r} for the target but {b!r} for "
                 "the draft; use a draft that shares the target's tokenizer (same vocabulary and ids)")
-    probe = "Hello, world! def f(x): return x ** 2  # 3.14 SELECT * FROM t;"
-    if target_tok.encode(probe) != draft_tok.encode(probe):
+    a, b = _backend_model(target_tok), _backend_model(draft_tok)
+    if a is not None and b is not None and a != b:
+        raise OnlineSpecError(
+            "draft and target tokenizers differ in their merges or normalisation (same vocabulary, "
+            "different tokenizer.json model); use a draft that shares the target's tokenizer")
+    if any(target_tok.encode(p) != draft_tok.encode(p) for p in PROBES):
         raise OnlineSpecError(
             "draft and target tokenizers split the same text differently (same vocabulary, different "
             "merges or normalisation); use a draft that shares the target's tokenizer")
+
+
+ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "electra", "ernie",
+                 "data2vec-text", "roformer", "megatron-bert", "rembert", "xmod", "big_bird", "bert-generation"}
+PROBES = ("Hello, world! def f(x): return x ** 2  # 3.14 SELECT * FROM t;",
+          "The quick brown fox jumps over the lazy dog. 0123456789",
+          "  leading spaces\ttabs\nnew lines\r\n\u00e9\u00e8 \u4e2d\u6587 \U0001f600 emoji",
+          "def add(a, b):\n    return a + b\nSELECT name FROM users WHERE age > 30;",
+          "Tom has 3 apples and buys 4 more. The licensee shall not distribute the work.")
+
+
+def _backend_model(tok: Any) -> Any:
+    """The tokenizer.json model section (vocab + merges) of a fast tokenizer, else None."""
+    try:
+        import json
+        return json.loads(tok.backend_tokenizer.to_str()).get("model")
+    except Exception:
+        return None
 
 
 def make_draft(kind: str, target: PreTrainedModel, source: Any, tokenizer: Any,
@@ -168,10 +215,30 @@ def make_draft(kind: str, target: PreTrainedModel, source: Any, tokenizer: Any,
     return loader(target, source, tokenizer, device=device, dtype=dtype, **kw)
 
 
+def _check_draft(draft: Any, target: PreTrainedModel, tokenizer: Any) -> None:
+    """A draft must embed every token the pair uses and start from finite weights."""
+    module = getattr(draft, "module", None)
+    if getattr(draft, "kind", None) == "lm" and hasattr(module, "get_input_embeddings"):
+        n = module.get_input_embeddings().num_embeddings
+        need = min(len(tokenizer), target.config.vocab_size)
+        if n < need:
+            raise OnlineSpecError(
+                f"the draft's vocabulary has {n} tokens, fewer than the {need} of the target/tokenizer; "
+                "use a draft with the target's vocabulary (same tokenizer and embedding size)")
+    if isinstance(module, torch.nn.Module):
+        for name, p in module.named_parameters():
+            if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+                raise OnlineSpecError(
+                    f"the draft's weights contain NaN or inf ({name}); re-save or re-train the draft")
+
+
 def load_pair(target: Any = None, draft: Any = None, draft_kind: str = "lm",
               device: str | torch.device = "cpu", dtype: Any = "float32", device_map: Any = None,
-              trust_remote_code: bool = False, tokenizer: Any = None, **draft_options: Any) -> ModelPair:
+              trust_remote_code: bool = False, tokenizer: Any = None, fast: bool | None = None,
+              **draft_options: Any) -> ModelPair:
     """Load a target and a draft that share a tokenizer.
+
+    fast: the fast decode path (onlinespec_core.fast); None = on for a CPU pair, False = plain HF.
 
     load_pair("demo") gives the embedded demo pair (offline). target/draft may be directories,
     hub ids, or already-built PreTrainedModel objects (then pass tokenizer=).
@@ -207,6 +274,27 @@ def load_pair(target: Any = None, draft: Any = None, draft_kind: str = "lm",
     draft_obj = make_draft(draft_kind, target_model, draft, tokenizer, device=device if device_map is None
                            else target_model.get_input_embeddings().weight.device, dtype=dtype,
                            trust_remote_code=trust_remote_code, **draft_options)
-    return ModelPair(target_model, draft_obj, tokenizer, name=name, draft_kind=draft_kind,
+    _check_draft(draft_obj, target_model, tokenizer)
+    pair = ModelPair(target_model, draft_obj, tokenizer, name=name, draft_kind=draft_kind,
                      target_source=target_source, draft_source=None if draft is None or
                      isinstance(draft, torch.nn.Module) else str(draft))
+    set_fast(pair, device_map is None if fast is None else fast)
+    return pair
+
+
+def set_fast(pair: ModelPair, on: bool) -> bool:
+    """Switch the pair between the fast decode path (CPU only) and plain HF; returns the state.
+    Takes effect at the next prompt (caches are built per prompt)."""
+    from . import fast as fastpath
+    on = bool(on) and fastpath.fast_supported(pair.target)
+    for model, frozen in ((pair.target, True), (getattr(pair.draft, "model", None), False)):
+        if model is None or (model is not pair.target and getattr(pair.draft, "kind", None) != "lm"):
+            continue
+        if on:
+            fastpath.enable(model, frozen)
+        else:
+            fastpath.disable(model)
+    if pair.draft is not None:
+        pair.draft.reset()
+    pair.fast = on
+    return on

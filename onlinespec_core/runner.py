@@ -58,11 +58,14 @@ def add_pair_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1 is fastest for small models on a shared machine)")
+    ap.add_argument("--no-fast", dest="fast", action="store_false",
+                    help="run the plain Hugging Face forward instead of the fast decode path (CPU)")
 
 
 def load_pair_from_args(args: argparse.Namespace):
     from .models import load_pair
-    kw = dict(draft_kind=args.draft_kind, device=args.device, dtype=args.dtype)
+    kw = dict(draft_kind=args.draft_kind, device=args.device, dtype=args.dtype,
+              fast=None if getattr(args, "fast", True) else False)
     if args.pair == "demo":
         return load_pair("demo", draft=args.draft, **kw)
     return load_pair(target=args.pair, draft=args.draft, **kw)
@@ -172,6 +175,7 @@ def run(pair, items, cfg: RunConfig) -> dict[str, Any]:
     """Run the stream, write metrics.json, rounds.csv and PNG plots into cfg.out; return metrics."""
     from .engine import Engine
     out = Path(cfg.out)
+    check_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     engine = Engine(pair, k=cfg.k, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                     seed=cfg.seed, updater=cfg.updater, updater_options=cfg.updater_options)
@@ -267,12 +271,23 @@ def build_argparser() -> argparse.ArgumentParser:
     return ap
 
 
+def check_out_dir(out: Path) -> None:
+    """--out must be (or become) a folder: not a file, no parent that is a file."""
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise OnlineSpecError(f"--out {str(out)!r}: {str(p)!r} is a file, not a folder; "
+                                      "pick a folder path for the results")
+            break
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_argparser().parse_args(argv)
     from .updaters import make_updater
     opts = parse_options(args.updater_option)
     make_updater(args.updater, **opts)  # unknown name / bad options: fail before loading models
     items = load_items(args.stream, args.limit)  # bad stream: fail before loading models
+    check_out_dir(Path(args.out))
     if args.threads:
         torch.set_num_threads(args.threads)
     pair = load_pair_from_args(args)
