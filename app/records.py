@@ -77,6 +77,8 @@ class Series:
     wall_s: float = 0.0
     updater: str = ""
     switched_to: str = ""  # the updater a live switch put in place ("" = none)
+    per_prompt: dict[int, list[float]] = field(default_factory=dict)  # prompt -> [tokens, wall_s]
+    last_prompt: int = -1
     replayed: bool = False  # compare mode: replays the target's recorded pass (speed not real)
     _taus: deque = field(default_factory=lambda: deque(maxlen=ROLL))
     _losses: deque = field(default_factory=lambda: deque(maxlen=ROLL))
@@ -105,6 +107,12 @@ class Series:
         self.rounds += 1
         self.accepted += d["accepted"]
         self.wall_s += d["wall_s"]
+        p = d.get("prompt_index")
+        if p is not None:
+            acc = self.per_prompt.setdefault(p, [0, 0.0])
+            acc[0] += n
+            acc[1] += d["wall_s"]
+            self.last_prompt = p
         self.updater = d.get("updater", self.updater)
         k = d["k"]
         while len(self.pos_drafted) < k:
@@ -159,6 +167,7 @@ class RunLog:
     switches: list[tuple[int, str, str]] = field(default_factory=list)  # (tokens, from, to)
     baseline_tok_s: float | None = None  # median of the target-only samples
     baseline_samples: list[float] = field(default_factory=list)  # target-only tokens/s, one per prompt
+    baseline_by_prompt: dict[int, float] = field(default_factory=dict)  # prompt -> target-only tokens/s
     share: dict[str, Any] = field(default_factory=dict)
     max_stall_ms: float = 0.0
     finished: str = ""  # "done" (stream ended) | "stopped" | "" (running or never run)
@@ -190,6 +199,7 @@ class RunLog:
             s.updater = to or s.updater
         elif ev.kind == "baseline":
             samples = [float(v) for v in ev.data.get("samples") or [] if v and math.isfinite(v)]
+            self.baseline_by_prompt = {int(k): float(v) for k, v in (ev.data.get("by_prompt") or {}).items()}
             if samples:
                 self.baseline_samples = samples
                 self.baseline_tok_s = float(np.median(samples))
@@ -208,17 +218,33 @@ class RunLog:
         info = self.speedup_info(s)
         return info["value"] if info else None
 
+    def prompt_ratios(self, s: Series) -> list[float]:
+        """Per-prompt speedups: the run's tokens/s on a finished prompt over the target-only
+        sample taken on the same prompt right after it (the bench's pairing)."""
+        out = []
+        for p, base in sorted(self.baseline_by_prompt.items()):
+            tw = s.per_prompt.get(p)
+            finished = p < s.last_prompt or bool(self.finished)
+            if tw and tw[1] > 0 and base > 0 and finished:
+                out.append(tw[0] / tw[1] / base)
+        return out
+
     def speedup_info(self, s: Series) -> dict[str, Any] | None:
-        """value (capped at tau: a round costs at least one target step, so tokens/s can never beat
-        tau x the target-only rate; above it the baseline was measured slow), lo..hi from the
-        baseline spread, capped flag."""
+        """value: the median of the per-prompt ratios (before the first pair: whole-run tokens/s
+        over the target-only median), lo..hi their spread, capped at tau: a round costs at least one
+        target step, so tokens/s can never beat tau x the target-only rate; above it the baseline
+        was measured slow."""
         if not self.baseline_tok_s or s.replayed or s.rounds == 0 or s.wall_s <= 0:
             return None
-        raw = s.tokens_per_s / self.baseline_tok_s
-        lo_b, hi_b = self.baseline_spread or (self.baseline_tok_s, self.baseline_tok_s)
         cap = s.mean_tau
-        return {"value": min(raw, cap), "raw": raw, "capped": raw > cap,
-                "lo": min(s.tokens_per_s / hi_b, cap), "hi": min(s.tokens_per_s / lo_b, cap)}
+        ratios = self.prompt_ratios(s)
+        if ratios:
+            raw, lo, hi, n = float(np.median(ratios)), min(ratios), max(ratios), len(ratios)
+        else:
+            lo_b, hi_b = self.baseline_spread or (self.baseline_tok_s, self.baseline_tok_s)
+            raw, lo, hi, n = s.tokens_per_s / self.baseline_tok_s, s.tokens_per_s / hi_b, s.tokens_per_s / lo_b, 0
+        return {"value": min(raw, cap), "raw": raw, "capped": raw > cap, "pairs": n,
+                "lo": min(lo, cap), "hi": min(hi, cap)}
 
     def summary(self) -> dict[str, Any]:
         out = {}

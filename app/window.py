@@ -333,9 +333,10 @@ class MainWindow(QMainWindow):
         else:
             return
         self.stats_label.setText(self.stats_text())
-        tips = ["\u03c4 = tokens per target forward; tokens/s and the speedup are over the whole "
-                "run (updates included), the speedup against the median of the target-only samples "
-                "taken during the run (range: their spread), never above \u03c4."]
+        tips = ["\u03c4 = tokens per target forward; tokens/s is over the whole run (updates "
+                "included). The speedup is the median over prompts of (this run's tokens/s on a prompt "
+                "/ target-only tokens/s on the same prompt, measured right after it), as the bench "
+                "pairs them; the range is their spread. It is never shown above \u03c4."]
         if self._shared:
             tips.append("Configurations marked 'target replayed' reuse the target's recorded greedy "
                         "pass: their speed is not measured, compare their \u03c4.")
@@ -353,7 +354,8 @@ class MainWindow(QMainWindow):
             info = self.log.speedup_info(s)
             if info:
                 cap = " (capped at \u03c4)" if info["capped"] else ""
-                text += f", {info['value']:.2f}\u00d7 [{info['lo']:.2f}\u2013{info['hi']:.2f}]{cap}"
+                n = f", {info['pairs']} prompts" if info["pairs"] else ", first prompt"
+                text += f", {info['value']:.2f}\u00d7 [{info['lo']:.2f}\u2013{info['hi']:.2f}{n}]{cap}"
             parts.append(text)
         b = self.log.baseline_spread
         if b and self.log.baseline_tok_s:

@@ -29,7 +29,8 @@ from .spec import PairSpec, RunSpec
 
 log = logging.getLogger(__name__)
 FLUSH_S = 0.04  # batch round events for at most 40 ms before handing them to the UI
-BASELINE_EVERY = 4  # after the first prompts, one target-only sample every this many prompts
+BASELINE_FIRST = 4  # a target-only sample after each of the first prompts ...
+BASELINE_EVERY = 3  # ... then after every third: paired per prompt with the run, as the bench does
 
 
 class EngineWorker(QObject):
@@ -60,6 +61,7 @@ class EngineWorker(QObject):
         self._texts: dict[int, str] = {}
         self._base_engine: osc.Engine | None = None
         self._base_samples: list[float] = []
+        self._base_by_prompt: dict[int, float] = {}
         self._start.connect(self._run, Qt.ConnectionType.QueuedConnection)
         self._poke.connect(self._drain, Qt.ConnectionType.QueuedConnection)
 
@@ -235,10 +237,10 @@ class EngineWorker(QObject):
         shared = bool(spec.compare) and spec.share_target and spec.temperature == 0.0
         self._emit([UiEvent("run", -1, {"names": names, "n_prompts": len(items),
                                         "greedy": spec.temperature == 0.0, "shared": shared})])
-        self._base_engine, self._base_samples, done = None, [], 0
+        self._base_engine, self._base_samples, self._base_by_prompt, done = None, [], {}, 0
         baseline = spec.baseline and pair.draft is not None
         if baseline:
-            self._baseline(pair, items[0], spec, warm=True)
+            self._baseline(pair, items[0], spec, 0, warm=True)
         if self._stopping:
             runner.stop()
             return
@@ -250,20 +252,22 @@ class EngineWorker(QObject):
             elif ev.kind == "done" and ci == 0:
                 done += 1
                 p = ev.data.get("prompt_index")
-                if baseline and p is not None and (done <= 2 or done % BASELINE_EVERY == 0) \
-                        and not self._stopping:
+                if baseline and p is not None and p not in self._base_by_prompt and not self._stopping \
+                        and (done <= BASELINE_FIRST or done % BASELINE_EVERY == 0):
                     self._flush()
-                    self._baseline(pair, items[p], spec)  # same prompt, same load as the run's
+                    self._baseline(pair, items[p], spec, p)  # the prompt just run, under the same load
             if self._stopping:
                 runner.stop()
         if spec.compare and runner.shared is not None:
             self._push(UiEvent("share", -1, runner.shared.stats.as_dict()))
 
-    def _baseline(self, pair: osc.ModelPair, item: Any, spec: RunSpec, warm: bool = False) -> None:
-        """One target-only sample (tokens/s over the same rounds' accounting as the run) on a
-        prompt of the stream. The run takes one before its first prompt, one after each of the
-        first two prompts and one every BASELINE_EVERY prompts, interleaved with the run as the
-        bench does, so that both see the same machine load; the UI shows their median and spread."""
+    def _baseline(self, pair: osc.ModelPair, item: Any, spec: RunSpec, prompt_index: int,
+                  warm: bool = False) -> None:
+        """One target-only sample (tokens/s, the same rounds' accounting as the run) on a prompt
+        of the stream: prompt 0 before the run starts, then each prompt just run among the first
+        BASELINE_FIRST and every BASELINE_EVERY-th after -- interleaved with the run as the bench
+        does, so each pair (run, target-only) on a prompt sees the same machine load. The UI's
+        speedup is the median of these per-prompt ratios."""
         eng = self._base_engine
         if eng is None:
             eng = self._base_engine = osc.Engine(pair, k=1, temperature=spec.temperature, top_k=spec.top_k,
@@ -279,9 +283,11 @@ class EngineWorker(QObject):
         if not tps or not math.isfinite(tps) or self._stopping:
             return
         self._base_samples.append(float(tps))
+        self._base_by_prompt[prompt_index] = float(tps)
         v = sorted(self._base_samples)
         med = v[len(v) // 2] if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2])
         self._emit([UiEvent("baseline", -1, {"tokens_per_s": med, "samples": list(self._base_samples),
+                                             "by_prompt": dict(self._base_by_prompt),
                                              "tokens": len(out.token_ids)})])
         self.message.emit(f"target-only baseline: {med:.1f} tokens/s (median of {len(v)}, "
                           f"{v[0]:.1f}\u2013{v[-1]:.1f})")

@@ -78,9 +78,13 @@ def test_baseline_is_a_median_of_interleaved_samples_and_speedup_is_capped(qtbot
     s = log.series[0]
     info = log.speedup_info(s)
     assert info and info["value"] <= s.mean_tau + 1e-9 and info["lo"] <= info["value"] <= info["hi"]
-    assert info["value"] == pytest.approx(min(s.tokens_per_s / log.baseline_tok_s, s.mean_tau))
+    ratios = log.prompt_ratios(s)  # paired per prompt: prompts 0, 1, 2, 3 have a sample
+    assert len(ratios) == 4 and info["pairs"] == 4
+    v = sorted(ratios)
+    assert info["value"] == pytest.approx(min((v[1] + v[2]) / 2, s.mean_tau))
+    assert sorted(log.baseline_by_prompt) == [0, 1, 2, 3]
     text = win.stats_text()
-    assert "median of 4" in text and "\u00d7 [" in text
+    assert "median of 4" in text and "\u00d7 [" in text and "4 prompts]" in text
     assert "median of 4" in win.plots.legend.text()
     assert win.plots._baseline_line is not None and getattr(win.plots._baseline_line, "label", None) is None  # off the curve
 
