@@ -647,8 +647,8 @@ def main(argv: list[str] | None = None) -> int:
     require(all(t > 0 for t in temps), "--sampling-temperatures must all be > 0 (the main run is the greedy one)")
     nopts = parse_options(args.ngram_option)
     if nopts:
-        from .drafts.ngram import NgramDraft
-        NgramDraft(vocab_size=2, **nopts)  # bad options fail before the models load
+        from .drafts.ngram import make_ngram_draft
+        make_ngram_draft(2, **nopts)  # bad options fail before the models load
     from .updaters import make_updater
     opts = parse_scoped_options(args.updater_option)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
@@ -706,6 +706,11 @@ def main(argv: list[str] | None = None) -> int:
         for r in report["runs"]:
             print(f"{r['name']:>16}: tau {r['tau']:.2f}  {r['tokens_per_s']:.1f} tok/s  "
                   f"{r['speedup_vs_ar']:.2f}x vs AR  update {r['update_fraction']:.3f}")
+        for srep in report["sampling"]:
+            c = srep["config"]
+            for r in srep["runs"]:
+                print(f"{r['name']:>16} (T={c['temperature']:g}, top-p {c['top_p']:g}): tau {r['tau']:.2f}  "
+                      f"acceptance {_f(r.get('acceptance'))}  {r['speedup_vs_ar']:.2f}x vs AR")
     return 0
 
 

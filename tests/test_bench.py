@@ -156,3 +156,28 @@ def test_quick_preset_fills_unset_flags():
     args = bench.build_argparser().parse_args(["--quick", "--reps", "3"])
     assert args.quick and args.reps == 3 and args.limit is None  # filled in main()
     assert bench.QUICK["limit"] == 1 and bench.DEFAULTS["reps"] >= 1
+
+
+def test_bench_plain_output_lists_sampling_runs(pair_dirs, stream_file, capsys):
+    t, d = pair_dirs["gpt2"]
+    rc = cli.main(["bench", "--pair", str(t), "--draft", str(d), "--stream", str(stream_file),
+                   "--methods", "target_ar,ngram", "--max-new-tokens", "6", "--reps", "1",
+                   "--warmup-tokens", "2", "--limit", "1", "--sampling-temperatures", "1.0",
+                   "--costs", "off", "--no-progress"])
+    io = capsys.readouterr()
+    assert rc == 0, io.err
+    assert "ngram (T=1, top-p 1): tau" in io.out and "acceptance" in io.out
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--sampling-temperatures", "0"], "must all be > 0"),
+    (["--ngram-option", "min_n=0"], "min_n"),
+    (["--ngram-option", "nope=1"], "no option(s) ['nope']"),
+    (["--top-p", "0"], "top_p"),
+])
+def test_bench_new_option_errors(pair_dirs, stream_file, capsys, bad, message):
+    t, d = pair_dirs["llama"]
+    rc = cli.main(["bench", "--pair", str(t), "--draft", str(d), "--stream", str(stream_file),
+                   "--max-new-tokens", "4", "--reps", "1", "--no-progress"] + bad)
+    io = capsys.readouterr()
+    assert rc == 2 and message in io.err

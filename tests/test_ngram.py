@@ -143,3 +143,34 @@ def test_arctic_backend_is_lossless(pair_dirs):
     seq = pair.tokenizer(PROMPTS[1])["input_ids"]
     assert twin.arctic.tokens == pair.draft.arctic.tokens
     assert twin.arctic.speculate(seq, 4) == pair.draft.arctic.speculate(seq, 4)
+
+
+def test_compare_mode_with_the_ngram_draft(pair_dirs):
+    from onlinespec_core.compare import CompareConfig, CompareRunner
+    t, _ = pair_dirs["llama"]
+    pair = ngram_pair(t)
+    runner = CompareRunner(pair, [CompareConfig("k2", k=2), CompareConfig("k4", k=4)])
+    prompts = [("a", PROMPTS[1]), ("a", PROMPTS[1]), ("b", PROMPTS[2])]
+    done: dict[int, list[list[int]]] = {0: [], 1: []}
+    for ci, ev in runner.run(prompts, max_new_tokens=16):
+        if ev.kind == "done":
+            done[ci].append(ev.data["token_ids"])
+    tok = pair.tokenizer
+    ref = [hf_greedy(pair.target, tok(p)["input_ids"], 16) for _, p in prompts]
+    assert done[0] == ref and done[1] == ref
+    assert all(e.draft.sequences == 3 for e in runner.engines)  # each config has its own index
+
+
+def test_cli_run_with_the_ngram_draft(pair_dirs, tmp_path):
+    import json
+
+    from onlinespec_core import cli
+    t, _ = pair_dirs["gpt2"]
+    stream = tmp_path / "s.jsonl"
+    stream.write_text("".join(json.dumps({"topic": "c", "prompt": p}) + "\n" for p in PROMPTS * 2))
+    rc = cli.main(["run", "--pair", str(t), "--draft-kind", "ngram", "--updater", "frozen",
+                   "--stream", str(stream), "--max-new-tokens", "12", "--out", str(tmp_path / "out"),
+                   "--no-progress"])
+    assert rc == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["config"]["draft_kind"] == "ngram" and metrics["totals"]["tau"] >= 1.0

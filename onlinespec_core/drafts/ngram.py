@@ -331,7 +331,14 @@ def load_ngram_draft(target, source=None, tokenizer=None, device="cpu", dtype="f
         saved = json.loads((Path(str(source)) / "ngram.json").read_text())
         saved.pop("kind", None)
         options = {**saved, **options}
-    known = ("max_n", "min_n", "max_index_tokens", "use_stream", "backend")
-    bad = sorted(set(options) - set(known))
-    require(not bad, f"ngram draft has no option(s) {bad}; valid options: {', '.join(known)}")
-    return NgramDraft(vocab_size=target.config.vocab_size, **options)
+    return make_ngram_draft(target.config.vocab_size, **options)
+
+
+OPTIONS = ("max_n", "min_n", "max_index_tokens", "use_stream", "backend")
+
+
+def make_ngram_draft(vocab_size: int, **options: Any) -> NgramDraft:
+    """NgramDraft with its options checked (unknown names and bad values raise OnlineSpecError)."""
+    bad = sorted(set(options) - set(OPTIONS))
+    require(not bad, f"ngram draft has no option(s) {bad}; valid options: {', '.join(OPTIONS)}")
+    return NgramDraft(vocab_size=vocab_size, **options)
