@@ -1,11 +1,16 @@
 """Logits -> probabilities, identically for draft and target (fp32, same temperature/top-k/top-p)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from .errors import require
+from .errors import OnlineSpecError, require
+
+
+def _real(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass(frozen=True)
@@ -15,6 +20,11 @@ class SamplingConfig:
     top_p: float = 1.0  # 1 = off
 
     def __post_init__(self) -> None:
+        require(_real(self.temperature), f"temperature must be a finite number >= 0 (0 means greedy), "
+                                         f"got {self.temperature!r}")
+        require(isinstance(self.top_k, int) and not isinstance(self.top_k, bool),
+                f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
+        require(_real(self.top_p), f"top_p must be a number in (0, 1] (1 turns it off), got {self.top_p!r}")
         require(self.temperature >= 0.0, f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
         require(self.top_k >= 0, f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
         require(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1] (1 turns it off), got {self.top_p}")
@@ -54,5 +64,10 @@ def logits_to_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One token per row of [..., V] probabilities."""
     flat = probs.reshape(-1, probs.shape[-1])
-    out = torch.multinomial(flat, 1, generator=generator)
+    try:
+        out = torch.multinomial(flat, 1, generator=generator)
+    except RuntimeError as e:  # NaN/inf or all-zero rows
+        raise OnlineSpecError(
+            "cannot sample: a model produced NaN/inf or all-zero probabilities (its weights are "
+            f"probably NaN; {str(e)[:120]}); reload the draft/target, or use temperature 0") from e
     return out.reshape(probs.shape[:-1])

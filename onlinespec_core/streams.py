@@ -39,6 +39,12 @@ def parse_stream_line(line: str, where: str = "line") -> StreamItem:
     topic = obj.get("topic", "default")
     if not isinstance(topic, str):
         raise OnlineSpecError(f'{where}: "topic" must be a string; got {topic!r}')
+    for field, text in (("prompt", obj["prompt"]), ("topic", topic)):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise OnlineSpecError(f'{where}: "{field}" contains {text[e.start:e.end]!r}, a lone surrogate '
+                                  "escape that is not valid text; remove it or escape a real character") from e
     return StreamItem(topic, obj["prompt"])
 
 
@@ -51,7 +57,14 @@ def load_stream(source: str | Path) -> list[StreamItem]:
             f"prompt stream {str(source)!r} not found; pass a JSONL file path or one of the bundled "
             f"streams: {', '.join(named) or '(none installed)'}")
     items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise OnlineSpecError(f"prompt stream {str(path)!r} is not UTF-8 text (byte {e.start}); save it as "
+                              "UTF-8 JSONL, one object per line") from e
+    except OSError as e:
+        raise OnlineSpecError(f"cannot read prompt stream {str(path)!r} ({e.strerror}); check its permissions") from e
+    for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             items.append(parse_stream_line(line, f"{path.name} line {n}"))
     if not items:
