@@ -281,6 +281,10 @@ class Engine:
         if isinstance(prompt, str):
             require(len(prompt) <= MAX_PROMPT_CHARS, f"the prompt has {len(prompt)} characters, more than "
                                                      f"{MAX_PROMPT_CHARS}; shorten it")
+            limit = self.context_limit()  # a token covers at most the longest vocab entry's characters
+            require(len(prompt) <= limit * self._max_token_chars(),
+                    f"the prompt ({len(prompt)} characters) cannot fit the model's {limit} positions; "
+                    "shorten the prompt")
             try:
                 prompt.encode("utf-8")
             except UnicodeEncodeError as e:
@@ -307,6 +311,14 @@ class Engine:
         require(not bad, f"prompt ids {bad[:5]} are outside the vocabulary (0..{vocab - 1}); "
                          "encode the prompt with the pair's tokenizer")
         return torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    def _max_token_chars(self) -> int:
+        if getattr(self, "_token_chars", None) is None:
+            try:
+                self._token_chars = max(1, max(len(t) for t in self.pair.tokenizer.get_vocab()))
+            except Exception:  # no vocab listing: no cheap bound
+                self._token_chars = MAX_PROMPT_CHARS
+        return self._token_chars
 
     def context_limit(self) -> int:
         """Positions the target (and an lm draft) can attend to."""
