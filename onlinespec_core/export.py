@@ -67,10 +67,13 @@ def export_draft(state_dir: str | os.PathLike, out_dir: str | os.PathLike, base:
     return _atomic_dir(out_dir, write)
 
 
-def export_engine_draft(engine: Any, out_dir: str | os.PathLike) -> Path:
+def export_engine_draft(engine: Any, out_dir: str | os.PathLike, timeout: float | None = 60.0) -> Path:
     """The live engine's deployed draft -> HF model dir (lm) or the draft's own format (heads)."""
     require(engine.draft is not None, "nothing to export: this engine has no draft")
-    engine.updater.detach()  # the deployed weights are in draft.module
+
+    def now() -> Path:  # between rounds when a generate runs in another thread
+        engine.updater.detach()  # the deployed weights are in draft.module
+        return _atomic_dir(out_dir, write)
 
     def write(tmp: Path) -> None:
         if engine.draft.kind == "lm":
@@ -81,7 +84,7 @@ def export_engine_draft(engine: Any, out_dir: str | os.PathLike) -> Path:
         info = {"base": engine.pair.draft_source, "round_index": engine.round_index,
                 "updater": engine.updater_name, "tau": engine.metrics.tau}
         (tmp / PROVENANCE).write_text(json.dumps(info, indent=2))
-    return _atomic_dir(out_dir, write)
+    return engine._call(now, timeout) if hasattr(engine, "_call") else now()
 
 
 def main(argv: list[str] | None = None) -> int:
