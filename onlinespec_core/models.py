@@ -105,8 +105,10 @@ def load_causal_lm(source: str, role: str, device: str | torch.device = "cpu", d
             f"{role} {source!r} is a {config.model_type!r} model, not a causal language model; "
             "pick a decoder-only model that AutoModelForCausalLM can load (Llama, Qwen2, GPT-2, ...)")
     arch = [a for a in (getattr(config, "architectures", None) or []) if isinstance(a, str)]
+    mapped = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, ())
+    causal_classes = {mapped} if isinstance(mapped, str) else set(mapped)  # e.g. *ForConditionalGeneration
     if not remote and (
-            (arch and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in arch))
+            (arch and not any(a.endswith(("ForCausalLM", "LMHeadModel")) or a in causal_classes for a in arch))
             or (not arch and config.model_type in ENCODER_TYPES and not getattr(config, "is_decoder", False))):
         raise OnlineSpecError(
             f"{role} {source!r} is a {config.model_type!r} model saved as {', '.join(arch) or 'an encoder'}, "
