@@ -92,10 +92,9 @@ class MainWindow(QMainWindow):
         self.setCentralWidget(split)
         self._reset_views(["run"])
         self.status = QLabel("idle")
-        self.stats_label = QLabel("")
+        self.stats_label = self.plots.readout  # above the plots: the status bar keeps room for messages
         self.stall_label = QLabel("UI stall max: 0 ms")
         self.statusBar().addWidget(self.status)
-        self.statusBar().addPermanentWidget(self.stats_label)
         self.statusBar().addPermanentWidget(self.stall_label)
         self._menus()
 

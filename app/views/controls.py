@@ -98,6 +98,12 @@ class SetupPanel(QWidget):
                              "on the same prompts, so the gap in \u03c4 is what learning buys. "
                              "Press Start (Space) after choosing it.")
         v.addWidget(self.demo)
+        self.loaded_note = QLabel("", self)  # at the top: what the next Start continues
+        self.loaded_note.setObjectName("loaded_note")
+        self.loaded_note.setWordWrap(True)
+        self.loaded_note.setStyleSheet("color: #00365A; background: #E8F1FA; padding: 3px;")
+        self.loaded_note.hide()
+        v.addWidget(self.loaded_note)
 
         # model pair
         g = QGroupBox("Model pair", self)
@@ -204,19 +210,14 @@ class SetupPanel(QWidget):
         self.baseline = QCheckBox("measure target-only baseline first", g)
         self.baseline.setChecked(True)
         self.baseline.setToolTip("Target-only decoding of the stream's prompts, interleaved with the "
-                                 "run (before the first prompt, after the first two, then every 4th): "
-                                 "the speedup is against the median of these samples")
+                                 "run: prompt 0 before it, then each prompt just run (the first four, "
+                                 "then every third). The speedup is the median over those prompts of "
+                                 "run / target-only tokens/s on the same prompt, as the bench pairs them")
         self.reset_draft = QCheckBox("start from the initial draft weights", g)
         self.reset_draft.setChecked(True)
-        self.loaded_note = QLabel("", g)
-        self.loaded_note.setObjectName("loaded_note")
-        self.loaded_note.setWordWrap(True)
-        self.loaded_note.setStyleSheet("color: #00365A; background: #E8F1FA; padding: 3px;")
-        self.loaded_note.hide()
         self.loaded: dict | None = None
         f.addRow(self.baseline)
         f.addRow(self.reset_draft)
-        f.addRow(self.loaded_note)
         v.addWidget(g)
         v.addStretch(1)
         default = default_stream()

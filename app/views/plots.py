@@ -35,10 +35,15 @@ class PlotsView(QWidget):
         self.legend.setObjectName("plot_legend")
         self.legend.setStyleSheet("background: white; padding: 2px 6px;")
         self.legend.setWordWrap(True)
+        self.readout = QLabel(self)  # the run's numbers (tau, tokens/s, speedup) in plain sight
+        self.readout.setObjectName("plot_readout")
+        self.readout.setStyleSheet("background: white; padding: 0px 6px 2px 6px; color: #222222;")
+        self.readout.setWordWrap(True)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
         lay.setSpacing(0)
         lay.addWidget(self.legend)
+        lay.addWidget(self.readout)
         lay.addWidget(self.glw, 1)
         g = self.glw
         self.p_tau = self._plot(0, 0, "Rolling acceptance length \u03c4", "\u03c4")
@@ -196,8 +201,8 @@ class PlotsView(QWidget):
                 r.setZValue(-100)
                 p.addItem(r)
                 items.append(r)
-            label = pg.TextItem(t, color="#555555", anchor=(0, 0))
-            label.setZValue(-50)
+            label = pg.TextItem(t, color="#555555", anchor=(0, 0), fill=(255, 255, 255, 170))
+            label.setZValue(50)  # above the curves: a name under a curve was unreadable
             self.p_tau.addItem(label, ignoreBounds=True)
             items.append(label)
             self._topic_items.append((items, x0))
