@@ -34,6 +34,7 @@ FORMAT = 1
 # files that mark folders written by OnlineSpec before manifests existed
 LEGACY_MARKERS: dict[str, tuple[str, ...]] = {"state": ("state.json", "draft.safetensors"),
                                               "export": ("onlinespec_export.json",)}
+LEGACY_FILES = {"state": ("state.json", "draft.safetensors", "state.safetensors")}  # all a v1 state held
 WHAT = {"state": "an OnlineSpec saved state", "export": "an OnlineSpec draft export"}
 LABEL = {"state": "saved state", "export": "draft export"}
 _local = threading.RLock()
@@ -189,6 +190,11 @@ def _check_target(out: Path, kind: str) -> None:
         f"refusing to replace {str(out)!r}: it is not empty and is not {WHAT[kind]}"
         + (f" (it holds {WHAT[found]})" if found else "")
         + "; pick a new or empty folder, or move its files away first"))
+    m = read_manifest(out)
+    known = set(m["files"]) if m is not None else set(LEGACY_FILES.get(kind, ()))
+    extra = sorted(set(_files(out)) - known - {MANIFEST}) if m is not None or kind in LEGACY_FILES else []
+    require(not extra, f"refusing to replace {str(out)!r}: besides {WHAT[kind]} it holds other files "
+                       f"({', '.join(extra[:3])}); move them away or pick another folder")
 
 
 def _mkparent(out: Path) -> None:

@@ -53,6 +53,10 @@ def test_save_refuses_a_foreign_folder(tmp_path, eng):
     eng.save_state(tmp_path / "empty")  # an empty folder is fine
     eng.save_state(tmp_path / "empty")  # and so is one of our states
     assert MANIFEST in names(tmp_path / "empty") and names(tmp_path) == ["empty", "photos"]
+    (tmp_path / "empty" / "notes.txt").write_text("mine")  # a user file inside a state: kept
+    with pytest.raises(OnlineSpecError, match=r"it holds other files \(notes.txt\)"):
+        eng.save_state(tmp_path / "empty")
+    assert (tmp_path / "empty" / "notes.txt").read_text() == "mine"
     (tmp_path / "afile").write_text("x")
     with pytest.raises(OnlineSpecError, match="is a file; pick a folder path"):
         eng.save_state(tmp_path / "afile")
