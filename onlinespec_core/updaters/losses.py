@@ -36,9 +36,9 @@ def _finite_columns(draft_logits: torch.Tensor, target_logits: torch.Tensor
     return draft_logits[:, keep], target_logits[:, keep]
 
 
-def distill_loss(draft_logits: torch.Tensor, target_logits: torch.Tensor, kind: str = "fkl",
+def distill_rows(draft_logits: torch.Tensor, target_logits: torch.Tensor, kind: str = "fkl",
                  temperature: float = 1.0) -> torch.Tensor:
-    """Mean over rows of the divergence between target and draft distributions. [m, V] each."""
+    """Per-row divergence [m] between target and draft distributions ([m, V] each)."""
     d, t = _finite_columns(draft_logits.float(), target_logits.float())
     logq = F.log_softmax(d / temperature, -1)
     logp = F.log_softmax(t / temperature, -1)
@@ -53,7 +53,13 @@ def distill_loss(draft_logits: torch.Tensor, target_logits: torch.Tensor, kind: 
         per = 0.5 * (logp.exp() * (logp - logm)).sum(-1) + 0.5 * (logq.exp() * (logq - logm)).sum(-1)
     else:
         raise ValueError(f"unknown loss {kind!r}; choose one of {DISTILL_LOSSES}")
-    return per.mean()
+    return per
+
+
+def distill_loss(draft_logits: torch.Tensor, target_logits: torch.Tensor, kind: str = "fkl",
+                 temperature: float = 1.0) -> torch.Tensor:
+    """Mean over rows of the divergence between target and draft distributions. [m, V] each."""
+    return distill_rows(draft_logits, target_logits, kind, temperature).mean()
 
 
 def round_distill_loss(draft_logits: torch.Tensor, rnd: Round, kind: str = "fkl",
