@@ -14,6 +14,7 @@ from PySide6.QtWidgets import (QApplication, QFileDialog, QLabel, QMainWindow, Q
 
 from onlinespec_core.errors import OnlineSpecError
 
+from .diag import from_env as stall_trace
 from .records import RunLog, UiEvent
 from .spec import check_updater
 from .views.controls import ControlBar, SetupPanel
@@ -123,6 +124,7 @@ class MainWindow(QMainWindow):
                 QShortcut(QKeySequence(key), self, activated=fn)
 
         self._beat_last = time.perf_counter()
+        self._stall_trace = stall_trace()  # ONLINESPEC_STALL_TRACE=FILE: stacks of long stalls
         self.heartbeat = QTimer(self, interval=HEARTBEAT_MS, timeout=self._beat)
         self.heartbeat.start()
         self.token_timer = QTimer(self, interval=TOKENS_MS, timeout=self.flush_tokens)
@@ -384,6 +386,8 @@ class MainWindow(QMainWindow):
             self.refresh_plots(force=True)
 
     def _beat(self) -> None:
+        if self._stall_trace is not None:
+            self._stall_trace.beat()
         now = time.perf_counter()
         late = (now - self._beat_last) * 1000.0 - HEARTBEAT_MS
         self._beat_last = now
@@ -422,6 +426,8 @@ class MainWindow(QMainWindow):
         ok = self.thread.wait(timeout_ms)
         for t in (self.heartbeat, self.token_timer, self.plot_timer):
             t.stop()
+        if self._stall_trace is not None:
+            self._stall_trace.stop()
         return ok
 
     def closeEvent(self, ev) -> None:  # noqa: N802 (Qt API)

@@ -254,3 +254,25 @@ def test_topic_labels_stay_inside_and_switch_labels_sit_low(qtbot, win):
         label = items[2]
         if x0 > x_lo + 0.8 * (x_hi - x_lo):
             assert tuple(label.anchor) == (1, 0)
+
+
+def test_readout_sits_above_the_plots_and_messages_have_room(qtbot, win):
+    assert win.stats_label is win.plots.readout  # not in the status bar, where it hid messages
+    run_to_end(qtbot, win)
+    assert "frozen: \u03c4" in win.plots.readout.text()
+    win.statusBar().showMessage("saved state to somewhere", 5000)
+    assert win.statusBar().currentMessage() == "saved state to somewhere"
+
+
+def test_stall_trace_writes_stacks_when_the_ui_thread_is_late(tmp_path):
+    import time
+
+    from app.diag import StallTrace
+    out = tmp_path / "stalls.txt"
+    t = StallTrace(str(out))
+    try:
+        time.sleep(1.6)  # no beat: the "UI thread" (this one) is late
+    finally:
+        t.stop()
+    text = out.read_text()
+    assert "UI thread" in text and "--- UI" in text and "test_stall_trace" in text
