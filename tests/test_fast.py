@@ -220,3 +220,28 @@ def test_feature_heads_fast_lm_head_and_reduced_vocab_stay_lossless(family_dirs,
     eng = osc.Engine(again, k=3, updater="ogd")  # the online losses drop the columns outside it
     eng.generate(ids, 20)
     assert eng.updater.stats()["updates"] >= 1 and eng.updater.stats()["skipped"] == 0
+
+
+DEMO = __import__("pathlib").Path(__file__).resolve().parent.parent / "assets"
+
+
+@pytest.mark.skipif(not (DEMO / "models" / "demo" / "target" / "model.safetensors").exists(),
+                    reason="demo pair absent")
+def test_demo_pair_fast_path_equals_plain_hf_on_held_out_prompts():
+    """The shipped pair on the fast path (lean target + lean draft) reproduces plain HF fp32
+    greedy decoding on held-out prompts of every topic (one per topic, 40 tokens, k = 4)."""
+    from onlinespec_core.streams import load_stream
+    pair = osc.load_pair("demo")
+    assert pair.fast and fast.lean_of(pair.target) is not None and pair.draft.lean is not None
+    seen: dict = {}
+    for item in load_stream("shift"):
+        seen.setdefault(item.topic, item.prompt)
+    ref_model = AutoModelForCausalLM.from_pretrained(DEMO / "models" / "demo" / "target",
+                                                     dtype=torch.float32).eval()
+    eng = osc.Engine(pair, k=4)
+    for topic, prompt in seen.items():
+        ids = pair.tokenizer(prompt)["input_ids"]
+        ref = ref_model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=40,
+                                 pad_token_id=pair.tokenizer.pad_token_id or 0,
+                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
+        assert eng.generate(ids, 40).token_ids == ref, topic
