@@ -54,7 +54,8 @@ def test_run_writes_json_csv_png(pair_dirs, stream_file, tmp_path, capsys):
     assert sum(int(r["n_emitted"]) for r in rows) == 40
     assert all(int(r["tau"]) == int(r["accepted"]) + 1 for r in rows)
     assert {r["topic"] for r in rows} == {"code", "sql"}
-    assert all(abs(sum(float(r[f"w{i}"]) for i in range(3)) - 1.0) < 1e-4 for r in rows)  # Hedge weights
+    n_w = sum(1 for key in rows[0] if key[:1] == "w" and key[1:].isdigit())  # the frozen expert + 3
+    assert n_w == 4 and all(abs(sum(float(r[f"w{i}"]) for i in range(n_w)) - 1.0) < 1e-4 for r in rows)  # Hedge
     for name in ("tau.png", "weights.png"):
         w, h = png_size(out / name)
         assert w >= 600 and h >= 200

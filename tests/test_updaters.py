@@ -86,7 +86,7 @@ def test_feature_drafts_learn_losslessly(pair_dirs, refs, kind, name):
     """The updaters only use the Draft protocol: eagle/hydra heads train the same way."""
     t, _ = pair_dirs["llama"]
     pair = osc.load_pair(target=str(t), draft=None, draft_kind=kind)
-    opts = {"lr": {"ensemble": 1e-3, "optimistic": 0.2, "dpo": 1e-2}[name]}  # fresh heads: large steps
+    opts = {"lr": {"ensemble": 1e-3, "optimistic": 1e-2, "dpo": 1e-2}[name]}  # fresh heads: large steps (optimistic: Adam-preconditioned)
     if kind == "eagle" and name != "dpo":
         opts["feature_weight"] = 10.0
     eng = osc.Engine(pair, k=3, updater=name, updater_options=opts)

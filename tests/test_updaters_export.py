@@ -86,5 +86,5 @@ def test_bench_updaters_script_runs(tmp_path, capsys):
     assert [r["name"] for r in runs] == ["frozen", "ensemble:hedge=last"]
     for r in runs:
         assert 0 <= r["update_fraction"] < 1 and r["tau_A_first"] >= 1 and r["tau_B_last"] >= 1
-    assert len(runs[1]["weights_A_end"]) == 3 and runs[1]["options"] == {"hedge": "last"}
+    assert len(runs[1]["weights_A_end"]) == 4 and runs[1]["options"] == {"hedge": "last"}  # frozen expert + 3
     assert "| run | tau |" in capsys.readouterr().out

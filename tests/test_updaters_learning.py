@@ -7,10 +7,10 @@ import torch
 
 import onlinespec_core as osc
 
-# step sizes for a randomly initialised draft (the defaults suit a pretrained one)
-LEARNERS = [("ogd", {"lr": 5e-3}), ("optimistic", {"lr": 0.2}), ("optimistic", {"form": "momentum"}),
-            ("ensemble", {"lr": 1e-3}), ("dpo", {"lr": 1e-2}), ("dpo", {"mode": "sft", "lr": 1e-2}),
-            ("ogd", {"cadence": "chunk", "chunk_prompts": 1, "epochs": 2, "lr": 5e-3})]
+# the shipped defaults (the issue: learning must not depend on test-specific step sizes)
+LEARNERS = [("ogd", {}), ("optimistic", {}), ("optimistic", {"form": "momentum"}),
+            ("ensemble", {}), ("dpo", {}), ("dpo", {"mode": "sft"}),
+            ("ogd", {"cadence": "chunk", "chunk_prompts": 1, "epochs": 2})]
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def far_pair_dirs(tmp_path_factory, tokenizer):
     return out
 
 
-def mean_tau(name, opts, dirs, prompts=6, n=32):
+def mean_tau(name, opts, dirs, prompts=10, n=32):
     pair = osc.load_pair(target=dirs[0], draft=dirs[1])
     eng = osc.Engine(pair, k=4, updater=name, updater_options=opts)
     taus = [eng.generate("def add(a, b):", max_new_tokens=n).stats["tau"] for _ in range(prompts)]
@@ -45,7 +45,8 @@ def frozen_tau(far_pair_dirs):
 def test_every_updater_learns_on_a_repetitive_stream(far_pair_dirs, frozen_tau, name, opts):
     taus, eng = mean_tau(name, opts, far_pair_dirs)
     late = sum(taus[-3:]) / 3
-    # within 6 prompts of 32 tokens (<= 192 rounds) the draft has learned the target's path
+    # within 10 prompts of 32 tokens (<= 320 rounds) the draft has learned the target's path; at
+    # the shipped defaults (anchor 0.02 toward the random draft included), so the steps are small
     assert late >= frozen_tau + 0.3, (name, opts, frozen_tau, taus)
     assert eng.updater.stats()["updates"] > 0 and eng.updater.stats()["skipped"] == 0
 
@@ -83,3 +84,14 @@ def test_save_load_mid_run_continues_exactly(far_pair_dirs, tmp_path, name, opts
     assert b.updater.stats() == a.updater.stats()
     for x, y in zip(pair.draft.module.parameters(), pair_b.draft.module.parameters()):
         assert torch.equal(x, y)
+
+
+def test_ensemble_falls_back_to_frozen_when_learning_hurts(far_pair_dirs):
+    """With every learning expert bad (huge steps), Hedge moves the weight to the step size 0
+    expert, so the deployed draft returns toward the offline one."""
+    pair = osc.load_pair(target=far_pair_dirs[0], draft=far_pair_dirs[1])
+    eng = osc.Engine(pair, k=4, updater="ensemble", updater_options={"lr": 1.0, "ratio": 2.0, "anchor": 0.0})
+    for _ in range(3):
+        eng.generate("def add(a, b):", max_new_tokens=32)
+    w = eng.updater.stats()["weights"]
+    assert w[0] == max(w), w

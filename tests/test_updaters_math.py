@@ -160,7 +160,8 @@ def loss_at(draft, weights, rounds):
 def test_ensemble_hedge_uses_losses_before_update(rounds_and_pair, pair_dirs):
     rounds, _ = rounds_and_pair
     draft = fresh_draft(pair_dirs)
-    ens = EnsembleUpdater(every=2, batch=2, lr=0.01, ratio=3.0, hedge_lr=2.0)
+    ens = EnsembleUpdater(every=2, batch=2, lr=0.01, ratio=3.0, hedge_lr=2.0, hedge="cumulative",
+                          loss_scale="raw", frozen_expert=False)
     ens.attach(draft)
     L = [0.0, 0.0, 0.0]
     for i in range(0, 8, 2):
@@ -181,10 +182,42 @@ def test_ensemble_hedge_uses_losses_before_update(rounds_and_pair, pair_dirs):
     assert s["lrs"] == pytest.approx([0.01, 0.03, 0.09]) and len(s["weights"]) == 3
 
 
+def test_fixed_share_hedge_by_hand_and_recovers():
+    h = Hedge(3, eps=2.0, mode="fixed_share", share=0.3)
+    h.update([1.0, 0.5, 1.0])
+    p = softmax_by_hand([-2.0, -1.0, -2.0])
+    p = [0.7 * v + 0.1 for v in p]
+    assert h.weights() == pytest.approx(p)
+    for _ in range(50):  # one expert far ahead for long: the floor share / N stays
+        h.update([1.0, 0.0, 1.0])
+    assert min(h.weights()) >= 0.1 - 1e-9 and max(h.weights()) == pytest.approx(h.weights()[1])
+    for t in range(50):  # the shift: expert 0 becomes best, and takes the lead within a few steps
+        h.update([0.0, 1.0, 1.0])
+        if h.weights()[0] == max(h.weights()):
+            break
+    assert t <= 3
+
+
+def test_ensemble_frozen_expert_relative_hedge(rounds_and_pair, pair_dirs):
+    rounds, _ = rounds_and_pair
+    draft = fresh_draft(pair_dirs)
+    offline = [p.detach().clone() for p in draft.module.parameters()]
+    ens = EnsembleUpdater(every=2, batch=2, lr=0.01)  # defaults: frozen expert, fixed share, relative
+    assert ens.cfg.grid[0] == 0.0 and len(ens.cfg.grid) == 4
+    ens.attach(draft)
+    for r in rounds[:8]:
+        ens.observe(r)
+    for e, w in zip(ens.experts[0], offline):
+        assert torch.equal(e, w.float())  # the step size 0 expert is the offline draft
+    assert ens.opts[0] is None and ens.stats()["lrs"][0] == 0.0
+    assert abs(sum(ens.weights) - 1) < 1e-9 and min(ens.weights) >= ens.cfg.share / 4 - 1e-9
+    assert ens._scaled([2.0, 1.0, 4.0, 4.0]) == [0.5, 0.25, 1.0, 1.0]  # l_i / max_j l_j
+
+
 def test_optimistic_step_on_draft(rounds_and_pair, pair_dirs):
     rounds, _ = rounds_and_pair
     draft = fresh_draft(pair_dirs)
-    up = OptimisticUpdater(every=2, batch=2, lr=0.05, max_grad_norm=0)
+    up = OptimisticUpdater(every=2, batch=2, lr=0.05, max_grad_norm=0, precondition="none", anchor=0.0)
     up.attach(draft)
     params = list(draft.module.parameters())
     w1 = [p.detach().clone() for p in params]
@@ -277,3 +310,37 @@ def test_merged_sequence_forward_equals_per_round(rounds_and_pair, pair_dirs):
         for a, b in zip(merged.batch_logits(rounds), single.batch_logits(rounds)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(merged.batch_losses(rounds), single.batch_losses(rounds), rtol=1e-4, atol=1e-5)
+
+
+def test_anchor_pulls_toward_the_offline_weights(rounds_and_pair, pair_dirs):
+    from onlinespec_core.updaters.ogd import OGDUpdater
+    rounds, _ = rounds_and_pair
+    drift = {}
+    for anchor in (0.0, 0.5):
+        draft = fresh_draft(pair_dirs)
+        w0 = [p.detach().clone() for p in draft.module.parameters()]
+        up = OGDUpdater(every=1, batch=1, lr=1e-2, anchor=anchor)
+        up.attach(draft)
+        for r in rounds[:6]:
+            up.observe(r)
+        drift[anchor] = float(sum((p.detach() - w).pow(2).sum() for p, w in zip(draft.module.parameters(), w0)))
+    assert 0 < drift[0.5] < 0.5 * drift[0.0]
+
+
+def test_optimistic_adam_preconditioned_step(rounds_and_pair, pair_dirs):
+    """precondition='adam': the optimistic pair of states moves on g / (sqrt(v^) + 1e-8)."""
+    rounds, _ = rounds_and_pair
+    draft = fresh_draft(pair_dirs)
+    up = OptimisticUpdater(every=2, batch=2, lr=1e-3, max_grad_norm=0, anchor=0.0)
+    assert up.cfg.precondition == "adam"
+    up.attach(draft)
+    params = list(draft.module.parameters())
+    w1 = [p.detach().clone() for p in params]
+    with torch.enable_grad():
+        loss = torch.stack([round_distill_loss(draft.train_logits(r), r) for r in rounds[:2]]).mean()
+        g1 = torch.autograd.grad(loss, params)
+    up.observe(rounds[0])
+    up.observe(rounds[1])
+    for p, w, g in zip(params, w1, g1):  # t = 1: v^ = g^2, so d = g / (|g| + 1e-8) ~ sign(g)
+        d = g / (g.abs() + 1e-8)
+        torch.testing.assert_close(p.data, w - 2 * 1e-3 * d, rtol=1e-4, atol=1e-6)

@@ -1,7 +1,14 @@
 """ensemble (Ens-Eagle): N experts on a geometric step-size grid, combined by Hedge.
 
-Experts start equal (the current draft); expert i runs OGD/Adam with lr_i = lr * ratio^i.
-Each expert's loss l_i on new feedback is measured BEFORE it updates on it. Hedge:
+Experts start equal (the current draft); expert i runs OGD/Adam with lr_i = lr * ratio^i;
+frozen_expert=True (default) adds expert 0 with step size 0 (the offline draft, never trained),
+so the ensemble can always fall back to frozen. Each expert's loss l_i on new feedback is
+measured BEFORE it updates on it. loss_scale="relative" (default) feeds Hedge l_i / max_j l_j
+(in (0, 1] whatever the topic's loss level in nats: a hard topic no longer decides the weights
+for the rest of the stream); "raw" feeds nats. Hedge:
+  fixed_share L: p <- (1 - share) * normalise(p * exp(-eps * l)) + share / N   (default; the
+              floor share / N lets a trailing expert take the lead within a few steps of a shift;
+              L_i = -log(p_i) / eps is stored)
   cumulative  L_i <- L_i + l_i
   discounted  L_i <- gamma * L_i + l_i
   last        L_i <- l_i                (released code: softmax(-loss / T), eps = 1/T)
@@ -22,18 +29,22 @@ from ..feedback import Round
 from .gradient import (GradConfig, GradientUpdater, fp32_copy, load_list, load_optim, make_optimizer,
                        optim_json, optim_tensors, optimizer_step, write_params)
 
-HEDGE_MODES = ("cumulative", "discounted", "last")
+HEDGE_MODES = ("fixed_share", "cumulative", "discounted", "last")
+LOSS_SCALES = ("relative", "raw")
 
 
 @dataclass
 class EnsembleConfig(GradConfig):
     lr: float = 3e-4  # smallest step size of the grid: 3e-4, 9e-4, 2.7e-3
     optimizer: str = "adam"
-    n_experts: int = 3
+    n_experts: int = 3  # learning experts (the frozen one comes on top)
     ratio: float = 3.0  # geometric grid: lr * ratio^i
-    lrs: list[float] = field(default_factory=list)  # explicit grid (overrides lr/ratio/n_experts)
-    hedge: str = "cumulative"
-    hedge_lr: float = 1.0  # eps
+    lrs: list[float] = field(default_factory=list)  # explicit grid (overrides lr/ratio/n_experts; 0 = frozen)
+    frozen_expert: bool = True  # + an expert with step size 0: the offline draft
+    hedge: str = "fixed_share"
+    hedge_lr: float = 4.0  # eps (per step, on the loss_scale)
+    share: float = 0.05  # hedge="fixed_share": weight mixed back toward uniform each step
+    loss_scale: str = "relative"  # relative (l_i / max_j l_j) | raw (nats)
     discount: float = 0.9  # hedge="discounted"
     restart: str = "none"  # none | merged
 
@@ -41,15 +52,19 @@ class EnsembleConfig(GradConfig):
         super().validate(name)
         require(self.hedge in HEDGE_MODES, f"{name}: hedge must be one of {HEDGE_MODES}, got {self.hedge!r}")
         require(self.restart in ("none", "merged"), f"{name}: restart must be 'none' or 'merged'")
+        require(self.loss_scale in LOSS_SCALES, f"{name}: loss_scale must be one of {LOSS_SCALES}, got {self.loss_scale!r}")
+        require(0 <= self.share < 1, f"{name}: share must be in [0, 1), got {self.share!r}")
         require(isinstance(self.n_experts, int) and 1 <= self.n_experts <= 16,
                 f"{name}: n_experts must be an integer in 1..16, got {self.n_experts!r}")
         require(self.ratio > 0 and self.hedge_lr >= 0 and 0 <= self.discount <= 1,
                 f"{name}: ratio must be > 0, hedge_lr >= 0, discount in [0, 1]")
-        require(all(x > 0 for x in self.lrs), f"{name}: every lr in lrs must be > 0")
+        require(all(x >= 0 for x in self.lrs), f"{name}: every lr in lrs must be >= 0 (0 = a frozen expert)")
 
     @property
     def grid(self) -> list[float]:
-        return list(self.lrs) if self.lrs else [self.lr * self.ratio ** i for i in range(self.n_experts)]
+        if self.lrs:
+            return [float(x) for x in self.lrs]
+        return [0.0] * self.frozen_expert + [self.lr * self.ratio ** i for i in range(self.n_experts)]
 
 
 @dataclass
@@ -60,6 +75,7 @@ class Hedge:
     mode: str = "cumulative"
     discount: float = 0.9
     L: list[float] = field(default_factory=list)
+    share: float = 0.0  # mode="fixed_share"
 
     def __post_init__(self) -> None:
         self.L = list(self.L) or [0.0] * self.n
@@ -67,6 +83,15 @@ class Hedge:
     def update(self, losses: list[float]) -> None:
         if self.mode == "cumulative":
             self.L = [a + b for a, b in zip(self.L, losses)]
+        elif self.mode == "fixed_share":
+            if self.eps <= 0:
+                return
+            z = [-self.eps * (a + b) for a, b in zip(self.L, losses)]
+            top = max(z)
+            e = [math.exp(v - top) for v in z]
+            tot = sum(e)
+            p = [(1 - self.share) * v / tot + self.share / self.n for v in e]
+            self.L = [-math.log(max(v, 1e-300)) / self.eps for v in p]
         elif self.mode == "discounted":
             self.L = [self.discount * a + b for a, b in zip(self.L, losses)]
         else:
@@ -97,12 +122,16 @@ class EnsembleUpdater(GradientUpdater):
         c = self.cfg
         self.lrs = c.grid
         self.experts = [fp32_copy(self.params) for _ in self.lrs]
-        self.opts = [make_optimizer(c.optimizer, e, lr, c.momentum, c.weight_decay)
-                     for e, lr in zip(self.experts, self.lrs)]
-        self.hedge = Hedge(len(self.lrs), c.hedge_lr, c.hedge, c.discount)
+        self.opts = self._make_opts()
+        self.hedge = Hedge(len(self.lrs), c.hedge_lr, c.hedge, c.discount, share=c.share)
         self.pending: list[list[float]] = []  # pre-update losses on new feedback, per step
         self.last_expert_losses: list[float | None] = [None] * len(self.lrs)
         self._deployed = fp32_copy(self.params)
+
+    def _make_opts(self) -> list[torch.optim.Optimizer | None]:
+        c = self.cfg  # a step size 0 expert has no optimizer (it stays the offline draft)
+        return [make_optimizer(c.optimizer, e, lr, c.momentum, c.weight_decay) if lr > 0 else None
+                for e, lr in zip(self.experts, self.lrs)]
 
     @property
     def weights(self) -> list[float]:
@@ -113,22 +142,43 @@ class EnsembleUpdater(GradientUpdater):
 
     def step(self, batch: list[Round], n_new: int) -> bool:
         measured, results = [], []
-        for e in self.experts:
+        new = slice(len(batch) - n_new, len(batch))
+        for e, lr in zip(self.experts, self.lrs):
             write_params(self.params, e)
+            if lr == 0:  # frozen expert: its loss only
+                if not n_new:
+                    results.append(None)
+                    measured.append(None)
+                    continue
+                with torch.no_grad():
+                    losses = self.batch_losses(batch[new])
+                if not bool(torch.isfinite(losses).all()):
+                    return False
+                measured.append(float(losses.mean()))
+                results.append(None)
+                continue
             losses, grads = self.losses_and_grads(batch)
             if grads is None:  # guard: one bad expert skips the whole step
                 return False
             # l_i on new feedback, at the expert's weights before it trains on it
-            measured.append(float(losses[len(batch) - n_new:].mean()) if n_new else None)
+            measured.append(float(losses[new].mean()) if n_new else None)
             results.append(grads)
         for e, opt, grads in zip(self.experts, self.opts, results):
-            optimizer_step(opt, e, grads)
+            if opt is not None:
+                optimizer_step(opt, e, grads)
+                self.pull_to_offline(e)
         if n_new:
-            self.pending.append(measured)
+            self.pending.append(self._scaled(measured))
         if self.cfg.cadence == "rounds":
             return True  # after_feedback() deploys
         write_params(self.params, self._deployed)  # chunk: deploy once the chunk is done
         return True
+
+    def _scaled(self, losses: list[float]) -> list[float]:
+        if self.cfg.loss_scale == "raw":
+            return losses
+        top = max(losses)
+        return [x / top for x in losses] if top > 0 else [0.0] * len(losses)
 
     def after_feedback(self) -> None:
         """Hedge update from the pending pre-update losses, then deploy the average."""
@@ -140,7 +190,9 @@ class EnsembleUpdater(GradientUpdater):
             self.last_expert_losses = losses
         self._deployed = weighted_average(self.experts, self.weights)
         if self.cfg.restart == "merged":
-            for e in self.experts:
+            for e, lr in zip(self.experts, self.lrs):
+                if lr == 0:
+                    continue  # the offline expert stays offline
                 for t, v in zip(e, self._deployed):
                     t.copy_(v)
         write_params(self.params, self._deployed)
@@ -155,20 +207,21 @@ class EnsembleUpdater(GradientUpdater):
         t = {}
         for j, (e, opt) in enumerate(zip(self.experts, self.opts)):
             t.update({f"expert{j}.{i}": w for i, w in enumerate(e)})
-            t.update(optim_tensors(opt, f"opt{j}"))
+            if opt is not None:
+                t.update(optim_tensors(opt, f"opt{j}"))
         return t
 
     def extra_json(self) -> dict[str, Any]:
-        return {"L": list(self.hedge.L), "opts": [optim_json(o) for o in self.opts],
+        return {"L": list(self.hedge.L), "opts": [None if o is None else optim_json(o) for o in self.opts],
                 "last_expert_losses": self.last_expert_losses}
 
     def load_extra(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         c = self.cfg
         self.experts = [load_list(tensors, f"expert{j}", e) for j, e in enumerate(self.experts)]
-        self.opts = [make_optimizer(c.optimizer, e, lr, c.momentum, c.weight_decay)
-                     for e, lr in zip(self.experts, self.lrs)]
+        self.opts = self._make_opts()
         for j, (opt, m) in enumerate(zip(self.opts, meta["opts"])):
-            load_optim(opt, tensors, m, f"opt{j}")
+            if opt is not None:
+                load_optim(opt, tensors, m, f"opt{j}")
         self.hedge.L = list(meta["L"])
         self.last_expert_losses = list(meta["last_expert_losses"])
         self._deployed = weighted_average(self.experts, self.weights)

@@ -4,6 +4,11 @@
   w^_{t+1}  = w^_t - eta * g_t        shadow state, g_t = grad f_t(w_t)
   h_{t+1}   = g_t                     hint = last gradient (consecutive rounds look alike)
 so w_{t+1} = w_t - eta * (2 g_t - g_{t-1}).
+precondition="adam" (default): the same two states on the Adam-preconditioned gradient
+d_t = g_t / (sqrt(v^_t) + 1e-8), v_t = b2 v_{t-1} + (1 - b2) g_t^2 (bias-corrected; optimistic
+Adam with b1 = 0). The raw step eta * g moved the weights very little (pre-clip gradient norms of
+9-56 against max_grad_norm = 1), the preconditioned one makes every coordinate move about eta.
+precondition="none": the paper's plain form (lr 0.05).
 form="momentum": the authors' released code instead (SGD, momentum 0.9, lr 0.1; the momentum
 buffer persists across updates and is saved with the state)."""
 from __future__ import annotations
@@ -22,17 +27,23 @@ from .gradient import (GradConfig, GradientUpdater, fp32_copy, load_list, load_o
 @dataclass
 class OptimisticConfig(GradConfig):
     form: str = "paper"  # paper (two-state optimistic OGD) | momentum (released code)
-    lr: float | None = None  # default: 0.05 (paper form), 0.1 (momentum form, as released)
+    precondition: str = "adam"  # paper form: adam (optimistic step on g / sqrt(v)) | none (raw g)
+    beta2: float = 0.999  # precondition="adam": second-moment decay
+    lr: float | None = None  # default: 2e-3 (paper form, adam), 0.05 (paper, none), 0.1 (momentum, as released)
     optimizer: str = "sgd"
     momentum: float = 0.9  # form="momentum" only
+    anchor: float = 0.04  # equilibrium drift ~ lr / anchor per coordinate
 
     def __post_init__(self) -> None:
         if self.lr is None:
-            self.lr = 0.1 if self.form == "momentum" else 0.05
+            self.lr = 0.1 if self.form == "momentum" else (2e-3 if self.precondition == "adam" else 0.05)
 
     def validate(self, name: str) -> None:
         super().validate(name)
         require(self.form in ("paper", "momentum"), f"{name}: form must be 'paper' or 'momentum', got {self.form!r}")
+        require(self.precondition in ("adam", "none"),
+                f"{name}: precondition must be 'adam' or 'none', got {self.precondition!r}")
+        require(0 < self.beta2 < 1, f"{name}: beta2 must be in (0, 1), got {self.beta2!r}")
 
 
 @torch.no_grad()
@@ -43,6 +54,16 @@ def optimistic_step(shadow: list[torch.Tensor], hint: list[torch.Tensor], grad: 
     for h, g in zip(hint, grad):
         h.copy_(g)
     return deployed_weights(shadow, hint, lr)
+
+
+@torch.no_grad()
+def precondition_(v: list[torch.Tensor], grad: list[torch.Tensor], t: int, beta2: float) -> list[torch.Tensor]:
+    """Adam's second moment (in place) and the preconditioned gradient g / (sqrt(v^) + 1e-8)."""
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, grad, grad, value=1 - beta2)
+    denom = torch._foreach_sqrt(torch._foreach_div(v, 1 - beta2 ** t))
+    torch._foreach_add_(denom, 1e-8)
+    return torch._foreach_div(grad, denom)
 
 
 def deployed_weights(shadow: list[torch.Tensor], hint: list[torch.Tensor], lr: float) -> list[torch.Tensor]:
@@ -57,9 +78,15 @@ class OptimisticUpdater(GradientUpdater):
         c = self.cfg
         self.shadow = fp32_copy(self.params)  # w^_1 = current draft, h_1 = 0  ->  w_1 = w^_1
         self.hint = [torch.zeros_like(s) for s in self.shadow]
+        self.v = [torch.zeros_like(s) for s in self.shadow] if self.adam else []  # second moment
+        self.t = 0
         self.opt = (make_optimizer("sgd", self.shadow, c.lr, c.momentum, c.weight_decay)
                     if c.form == "momentum" else None)
         self._deployed = self.shadow if self.opt else deployed_weights(self.shadow, self.hint, c.lr)
+
+    @property
+    def adam(self) -> bool:
+        return self.cfg.form == "paper" and self.cfg.precondition == "adam"
 
     def deployed(self) -> list[torch.Tensor]:
         return self._deployed
@@ -72,7 +99,15 @@ class OptimisticUpdater(GradientUpdater):
             optimizer_step(self.opt, self.shadow, grads)
             self._deployed = self.shadow
         else:
+            if self.adam:
+                self.t += 1
+                grads = precondition_(self.v, grads, self.t, self.cfg.beta2)
             self._deployed = optimistic_step(self.shadow, self.hint, grads, self.cfg.lr)
+            if self.cfg.anchor > 0:
+                self.pull_to_offline(self.shadow)
+                self._deployed = deployed_weights(self.shadow, self.hint, self.cfg.lr)
+        if self.opt is not None:
+            self.pull_to_offline(self.shadow)
         write_params(self.params, self._deployed)
         return True
 
@@ -86,17 +121,21 @@ class OptimisticUpdater(GradientUpdater):
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         t = {f"shadow.{i}": s for i, s in enumerate(self.shadow)}
         t.update({f"hint.{i}": h for i, h in enumerate(self.hint)})
+        t.update({f"v.{i}": v for i, v in enumerate(self.v)})
         if self.opt is not None:
             t.update(optim_tensors(self.opt, "opt"))
         return t
 
     def extra_json(self) -> dict[str, Any]:
-        return {"opt": optim_json(self.opt)} if self.opt is not None else {}
+        return {"opt": optim_json(self.opt)} if self.opt is not None else {"t": self.t}
 
     def load_extra(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         c = self.cfg
         self.shadow = load_list(tensors, "shadow", self.shadow)
         self.hint = load_list(tensors, "hint", self.hint)
+        if self.adam:
+            self.v = load_list(tensors, "v", self.v)
+        self.t = meta.get("t", 0)
         if self.opt is not None:
             self.opt = make_optimizer("sgd", self.shadow, c.lr, c.momentum, c.weight_decay)
             load_optim(self.opt, tensors, meta["opt"], "opt")
