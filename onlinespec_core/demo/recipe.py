@@ -10,6 +10,10 @@ Stages (run in order; each can be run alone with ``--stages``):
   anneal     second target phase from the first one's weights: code-heavy mix with 15% copy rows
              (a window of code followed by itself) on a fresh cosine schedule; resumable
   draft      Llama draft (~1.2M params), warmed up on the general set only
+  draft_warm the paper's protocol: the general draft continued on general text plus a small
+             per-topic warm-up set (``warm_docs`` documents per topic from the TRAIN split, never
+             the held-out one), so frozen tau starts ~1.4-2 per topic and the stream has room to
+             teach; exported in preference to the general-only draft when present
   export     bf16 safetensors model dirs (target from its latest checkpoint, even mid-training)
   eval       held-out loss per topic (target and draft), decode cost ratio, greedy samples
 
@@ -26,6 +30,9 @@ Run time on the 2-core CPU dev box (torch 2.13, bf16 autocast), measured for the
   6.4M tokens in 123 training minutes (wall-clock deadline, mostly --threads 1 on a shared box);
   anneal, 3,417 steps = 14.0M tokens in 110 minutes (--threads 2 --compile, idle box).
   draft (1.25M params): 6 min, 222 steps = 0.9M tokens of the general set. export + eval: ~1 min.
+  draft_warm: 120 steps = 0.49M tokens (half general, half the 100-doc-per-topic warm-up sets:
+  code 12.7k, math 6.4k, sql 7.1k, prose 9.6k tokens), 6.0 train-min with 1 thread on a busy box.
+  (20 docs x 60 steps left frozen tau at 1.09-1.30 per topic; 100 x 120: 1.07 / 1.47 / 1.35 / 1.92.)
   ``--tiny``: about 10-20 s end to end (used by tests/test_demo_recipe.py).
 
 Example (what produced the shipped assets)::
@@ -34,6 +41,9 @@ Example (what produced the shipped assets)::
   python -m onlinespec_core.demo.recipe --out work_demo/full --stages anneal --threads 2 --compile \
       --deadline 18:25 --anneal-minutes 120 --anneal-tokens 14000000
   python -m onlinespec_core.demo.recipe --out work_demo/full --stages export,eval --install assets
+  # the shipped draft: the general-only draft (as shipped before) warmed by the paper's protocol
+  python -m onlinespec_core.demo.recipe --out work_demo/full --stages draft_warm,export --threads 1 \
+      --warm-init <general-only draft dir, e.g. git show 5e34947:assets/models/demo/draft>
 """
 
 from __future__ import annotations
@@ -46,7 +56,7 @@ import sys
 import time
 from pathlib import Path
 
-ALL_STAGES = ("corpus", "tokenizer", "data", "streams", "target", "anneal", "draft", "export", "eval")
+ALL_STAGES = ("corpus", "tokenizer", "data", "streams", "target", "anneal", "draft", "draft_warm", "export", "eval")
 
 PRESETS = {
     "full": {
@@ -56,9 +66,10 @@ PRESETS = {
         "draft": dict(hidden=128, layers=1, ffn=384, heads=2, kv_heads=1),
         "seq_len": 256, "batch_size": 16, "lr": 2e-3, "max_tokens": 6_418_432, "warmup": 100,
         "draft_batch": 16, "draft_lr": 3e-3, "draft_minutes": 6.0, "draft_max_tokens": 3_000_000,
-        "streams": dict(n_single=40, n_shift=25, n_shift_short=8),
+        "streams": dict(n_single=40, n_shift=25, n_shift_short=8, n_long=100, n_long_return=30),
         "eval_tokens": 60_000,
         "anneal": dict(lr=1.2e-3, warmup=50, max_tokens=14_000_000, minutes=1e9, eval_every=200),
+        "draft_warm": dict(warm_docs=100, general_weight=0.5, lr=1e-3, warmup=10, steps=120, minutes=15.0),
     },
     "tiny": {
         "corpus": dict(n_math=400, n_sql=400, n_prose=300, n_general=400, max_code_functions=250, max_code_extra=200,
@@ -69,9 +80,10 @@ PRESETS = {
         "draft": dict(hidden=32, layers=1, ffn=64, heads=2, kv_heads=1),
         "seq_len": 64, "batch_size": 8, "lr": 3e-3, "max_tokens": 8 * 64 * 40, "warmup": 5,
         "draft_batch": 8, "draft_lr": 3e-3, "draft_minutes": 0.5, "draft_max_tokens": 8 * 64 * 20,
-        "streams": dict(n_single=6, n_shift=3, n_shift_short=2),
+        "streams": dict(n_single=6, n_shift=3, n_shift_short=2, n_long=5, n_long_return=2),
         "eval_tokens": 4_000,
         "anneal": dict(lr=2e-3, warmup=2, max_tokens=8 * 64 * 10, minutes=2.0, eval_every=5),
+        "draft_warm": dict(warm_docs=5, general_weight=0.5, lr=2e-3, warmup=2, steps=5, minutes=1.0),
     },
 }
 
@@ -166,6 +178,11 @@ def build_argparser() -> argparse.ArgumentParser:
     ap.add_argument("--anneal-tokens", type=int, default=None, help="token budget of the second target phase")
     ap.add_argument("--compile", action="store_true", help="torch.compile the training forward (faster, slow start)")
     ap.add_argument("--draft-minutes", type=float, default=None, help="draft warm-up time budget")
+    ap.add_argument("--warm-init", default=None,
+                    help="draft_warm: HF model dir to start from when --out has no draft checkpoint "
+                         "(e.g. assets/models/demo/draft as shipped before the warm stage)")
+    ap.add_argument("--warm-docs", type=int, default=None, help="draft_warm: train documents per topic")
+    ap.add_argument("--warm-steps", type=int, default=None, help="draft_warm: optimizer steps")
     ap.add_argument("--ckpt-every", type=float, default=300.0, help="seconds between checkpoints")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: 2, --tiny: 1); on a shared 2-core box 1 is often faster")
@@ -279,11 +296,45 @@ def main(argv: list[str] | None = None) -> int:
                                  if k in meta}
         _save_report(report_path, report)
 
+    if "draft_warm" in stages:
+        W = dict(P["draft_warm"])
+        if args.warm_docs is not None:
+            W["warm_docs"] = args.warm_docs
+        if args.warm_steps is not None:
+            W["steps"] = args.warm_steps
+        model = _new_model(P, "draft", get_tok())
+        src = out / "draft_work" / "ckpt"
+        if (src / "ckpt.json").exists():
+            load_ckpt_weights(model, src)
+            init = str(src)
+        elif args.warm_init:
+            from transformers import AutoModelForCausalLM
+            model.load_state_dict(AutoModelForCausalLM.from_pretrained(args.warm_init, dtype=torch.float32).state_dict())
+            init = args.warm_init
+        else:
+            init = None
+            log("draft_warm: no general draft (draft stage checkpoint or --warm-init), skipped")
+        if init is not None:
+            report["draft_warm_sets"] = write_warm_sets(corpus_dir, data_dir, get_tok(), W["warm_docs"],
+                                                        seed=args.seed)
+            mix = {"general": W["general_weight"]}
+            mix.update({f"{t}_warm": (1 - W["general_weight"]) / len(TOPICS) for t in TOPICS})
+            cfg = TrainConfig(mix=mix, seq_len=P["seq_len"], batch_size=P["draft_batch"], lr=W["lr"],
+                              warmup_steps=W["warmup"], max_tokens=W["steps"] * P["draft_batch"] * P["seq_len"],
+                              max_minutes=W["minutes"], ckpt_every_s=args.ckpt_every, seed=args.seed + 3,
+                              bf16=bf16, threads=args.threads)
+            meta = train_lm(model, data_dir, out / "draft_warm_work", cfg, resume=args.resume, log=log)
+            report["draft_warm"] = {"init": init, **W, **{k: meta[k] for k in ("step", "tokens", "train_s", "last_loss",
+                                                                               "stop_reason") if k in meta}}
+            _save_report(report_path, report)
+
     if "export" in stages:
         for which in ("target", "draft"):
             ck = out / f"{which}_work" / "ckpt"
             if which == "target" and (out / "target_anneal_work" / "ckpt" / "ckpt.json").exists():
                 ck = out / "target_anneal_work" / "ckpt"  # the second phase supersedes the first
+            if which == "draft" and (out / "draft_warm_work" / "ckpt" / "ckpt.json").exists():
+                ck = out / "draft_warm_work" / "ckpt"  # the topic warm-up supersedes the general draft
             if not (ck / "ckpt.json").exists():
                 log(f"export: no {which} checkpoint yet, skipped")
                 continue
@@ -322,6 +373,27 @@ def main(argv: list[str] | None = None) -> int:
     _save_report(report_path, report)
     log(f"done in {time.time() - t_all:.1f}s")
     return 0
+
+
+def write_warm_sets(corpus_dir: Path, data_dir: Path, tok, n_docs: int, seed: int = 0) -> dict:
+    """``{topic}_warm.train.npy``: ``n_docs`` seeded documents per topic from its TRAIN split (the
+    paper's small per-domain warm-up set; the held-out split, where the streams come from, is
+    never read), encoded like tokenize_corpus. Returns tokens per set."""
+    import random
+
+    import numpy as np
+    from .corpus import TOPICS, read_split
+    stats = {}
+    for t in TOPICS:
+        docs = sorted(read_split(corpus_dir, t, "train"), key=lambda d: d["id"])
+        random.Random(f"{seed}:warm:{t}").shuffle(docs)
+        ids: list[int] = []
+        for d in docs[:n_docs]:
+            ids += [tok.bos_token_id] + tok(d["prompt"] + d["completion"], add_special_tokens=False)["input_ids"]
+            ids.append(tok.eos_token_id)
+        np.save(Path(data_dir) / f"{t}_warm.train.npy", np.asarray(ids, dtype=np.uint16))
+        stats[t] = len(ids)
+    return stats
 
 
 def _save_report(path: Path, report: dict) -> None:
