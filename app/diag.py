@@ -9,7 +9,7 @@ import threading
 import time
 import traceback
 
-LATE_S = 1.0
+LATE_S = float(os.environ.get("ONLINESPEC_STALL_TRACE_MS", "1000")) / 1000.0  # report stalls longer than this
 
 
 class StallTrace:
@@ -29,7 +29,7 @@ class StallTrace:
 
     def _watch(self) -> None:
         reported = 0.0
-        while not self._stop.wait(0.25):
+        while not self._stop.wait(min(0.25, LATE_S / 3)):
             late = time.perf_counter() - self.last
             if late < LATE_S or self.last == reported:
                 continue

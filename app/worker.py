@@ -27,6 +27,15 @@ from onlinespec_core.errors import OnlineSpecError
 from .records import UiEvent
 from .spec import PairSpec, RunSpec
 
+try:  # imported here, in the UI thread at start-up: the first run's lazy imports of these ran in
+    # the worker and held the UI up for 0.3-0.5 s (module bodies under the GIL)
+    import psutil  # noqa: F401
+    import transformers.generation.utils  # noqa: F401
+    import transformers.masking_utils  # noqa: F401
+    import transformers.modeling_utils  # noqa: F401
+except Exception:  # noqa: BLE001 -- an optional warm-up
+    pass
+
 log = logging.getLogger(__name__)
 FLUSH_S = 0.04  # batch round events for at most 40 ms before handing them to the UI
 BASELINE_FIRST = 4  # a target-only sample after each of the first prompts ...
