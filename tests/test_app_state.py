@@ -35,3 +35,12 @@ def test_app_save_never_replaces_user_files_and_refuses_tampered_states(qtbot, w
     qtbot.waitUntil(lambda: len(win.errors) == 3, timeout=WAIT)
     assert "has version '2' (str), expected the number 2" in win.errors[2]
     run_to_end(qtbot, win)  # the app still runs
+
+
+def test_app_non_utf8_stream_is_a_dialog(qtbot, win, tmp_path):  # noqa: F811
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"topic": "x", "prompt": "caf\xe9"}\n')
+    win.setup.stream_file.setText(str(bad))
+    win.start()
+    qtbot.waitUntil(lambda: len(win.errors) == 1, timeout=WAIT)
+    assert "is not UTF-8 text" in win.errors[0] and win.state == "idle"
