@@ -125,6 +125,10 @@ class PlotsView(QWidget):
         self._update_legend()
 
     def _update_legend(self) -> None:
+        if self.names == ["run"]:  # no run yet
+            self.legend.setText("<span style='color:#555555'>Start (Space) runs the setup on the left; "
+                                "the curves of each configuration appear here.</span>")
+            return
         keys = []  # one legend for all plots, above them: nothing covers a curve
         for i, n in enumerate(self.labels):
             col = CONFIG_COLORS[i % len(CONFIG_COLORS)]
