@@ -188,6 +188,7 @@ def test_load_state_says_what_start_continues(qtbot, win, tmp_path):
     with qtbot.waitSignal(win.worker.loaded, timeout=WAIT):
         win.load_state(str(path))
     note = win.setup.loaded_note
+    qtbot.waitUntil(lambda: not note.isHidden(), timeout=WAIT)  # the window's slot runs after the signal
     assert not note.isHidden() and "ogd" in note.text() and "prompt 0" in note.text()
     assert win.setup.updater.name.currentText() == "ogd" and not win.setup.reset_draft.isEnabled()
     win.setup.max_new.setValue(16)
