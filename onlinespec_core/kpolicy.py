@@ -7,7 +7,8 @@ draft step, t(n): a target forward of n tokens); k = 0 is plain decoding at 1 / 
 decayed count of accepted vs rejected positions, d and t(n) are running means of the rounds'
 timings (t(n) for unseen n from a line through the seen ones). When k = 0 wins, a probe round
 still drafts one token, so a keeps tracking a draft that learns: after `probe_every` rounds,
-the gap doubling after each probe the draft loses (up to `probe_max`) and resetting when one wins.
+the gap doubling after each probe that leaves k = 0 the best choice (up to `probe_max`) and
+resetting once drafting pays again.
 Lossless like any k: only how many tokens are drafted changes, never how they are checked.
 """
 from __future__ import annotations
@@ -39,10 +40,6 @@ class CostK:
     def observe(self, rnd: Round, prefill: bool) -> None:
         """Fold one round in (prefill: the round also fed the prompt; its verify time is not t(k+1))."""
         g = self.decay
-        if self.probing:
-            self.probing = False
-            won = rnd.accepted > 0
-            self.gap = self.probe_every if won else min(self.probe_max, 2 * max(self.gap, self.probe_every))
         if rnd.k > 0:
             self.accepted = g * self.accepted + rnd.accepted
             self.rejected = g * self.rejected + (1.0 if rnd.accepted < rnd.k else 0.0)
@@ -51,6 +48,10 @@ class CostK:
         if not prefill:
             n = rnd.k + 1
             self.t[n] = rnd.verify_s if n not in self.t else g * self.t[n] + (1 - g) * rnd.verify_s
+        if self.probing:  # the probe "wins" only if drafting now pays: then probe often again
+            self.probing = False
+            pays = self.k_max >= 1 and max(self.rate(k) for k in range(1, self.k_max + 1)) > self.rate(0)
+            self.gap = self.probe_every if pays else min(self.probe_max, 2 * max(self.gap, self.probe_every))
 
     def t_of(self, n: int) -> float:
         if n in self.t:

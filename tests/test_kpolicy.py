@@ -22,20 +22,24 @@ def feed(p: CostK, k: int, accepted: int, d: float = 0.1e-3, t1: float = 5e-3, p
 
 def test_never_drafts_when_the_draft_is_never_right_but_probes():
     p = CostK(k_max=8, probe_every=4, probe_max=16)
-    feed(p, 4, 0)
+    feed(p, 4, 0, per_row=1e-3)
     assert p.alpha < 0.05
     ks = []
     for _ in range(60):
         k = p.best_k()
         ks.append(k)
-        p.observe(_round(k, 0, k * 1e-4, 5e-3 + k * 4e-4), prefill=False)  # every probe loses
+        p.observe(_round(k, 0, k * 1e-4, 5e-3 + k * 1e-3), prefill=False)  # every probe loses
     probes = [i for i, k in enumerate(ks) if k == 1]
     assert set(ks) == {0, 1}
     assert [b - a for a, b in zip(probes, probes[1:])][:3] == [8, 16, 16]  # the gap doubles after each lost probe, capped
-    p.since_probe = p.gap  # the next round probes; this probe wins -> back to probing often
-    assert p.best_k() == 1
-    p.observe(_round(1, 1, 1e-4, 5.4e-3), prefill=False)
-    assert p.gap == 4
+    p.since_probe = p.gap  # the next round probes; an accepted token alone does not make
+    assert p.best_k() == 1  # drafting pay here, so the gap stays long ...
+    p.observe(_round(1, 1, 1e-4, 6e-3), prefill=False)
+    assert p.gap == 16
+    p.accepted, p.rejected = 9.0, 1.0  # ... until the draft has become good (a = 0.9):
+    p.probing = True                     # then a probe resets the gap, and k > 0 wins outright
+    p.observe(_round(1, 1, 1e-4, 6e-3), prefill=False)
+    assert p.gap == 4 and p.best_k() > 1
 
 
 def test_drafts_long_when_the_draft_is_good_and_cheap():
