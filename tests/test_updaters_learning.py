@@ -27,7 +27,7 @@ def far_pair_dirs(tmp_path_factory, tokenizer):
     return out
 
 
-def mean_tau(name, opts, dirs, prompts=10, n=32):
+def mean_tau(name, opts, dirs, prompts=12, n=32):
     pair = osc.load_pair(target=dirs[0], draft=dirs[1])
     eng = osc.Engine(pair, k=4, updater=name, updater_options=opts)
     taus = [eng.generate("def add(a, b):", max_new_tokens=n).stats["tau"] for _ in range(prompts)]
@@ -45,7 +45,7 @@ def frozen_tau(far_pair_dirs):
 def test_every_updater_learns_on_a_repetitive_stream(far_pair_dirs, frozen_tau, name, opts):
     taus, eng = mean_tau(name, opts, far_pair_dirs)
     late = sum(taus[-3:]) / 3
-    # within 10 prompts of 32 tokens (<= 320 rounds) the draft has learned the target's path; at
+    # within 12 prompts of 32 tokens (<= 384 rounds) the draft has learned the target's path; at
     # the shipped defaults (anchor 0.02 toward the random draft included), so the steps are small
     assert late >= frozen_tau + 0.3, (name, opts, frozen_tau, taus)
     assert eng.updater.stats()["updates"] > 0 and eng.updater.stats()["skipped"] == 0

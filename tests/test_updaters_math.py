@@ -332,7 +332,7 @@ def test_optimistic_adam_preconditioned_step(rounds_and_pair, pair_dirs):
     rounds, _ = rounds_and_pair
     draft = fresh_draft(pair_dirs)
     up = OptimisticUpdater(every=2, batch=2, lr=1e-3, max_grad_norm=0, anchor=0.0)
-    assert up.cfg.precondition == "adam"
+    assert up.cfg.precondition == "adam" and up.cfg.beta1 == 0.9
     up.attach(draft)
     params = list(draft.module.parameters())
     w1 = [p.detach().clone() for p in params]
@@ -341,6 +341,6 @@ def test_optimistic_adam_preconditioned_step(rounds_and_pair, pair_dirs):
         g1 = torch.autograd.grad(loss, params)
     up.observe(rounds[0])
     up.observe(rounds[1])
-    for p, w, g in zip(params, w1, g1):  # t = 1: v^ = g^2, so d = g / (|g| + 1e-8) ~ sign(g)
+    for p, w, g in zip(params, w1, g1):  # t = 1: m^ = g, v^ = g^2, so d = g / (|g| + 1e-8) ~ sign(g)
         d = g / (g.abs() + 1e-8)
         torch.testing.assert_close(p.data, w - 2 * 1e-3 * d, rtol=1e-4, atol=1e-6)

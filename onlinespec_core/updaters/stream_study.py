@@ -136,6 +136,30 @@ def table(summaries: list[dict], frozen: dict | None) -> str:
     return "\n".join(lines)
 
 
+def plot_runs(path: str | Path, runs: list[dict], window: int = 10, size: tuple[int, int] = (1100, 460)) -> Path:
+    """Rolling tau per prompt (mean over `window` prompts) of each run, topic bands behind."""
+    from ..plots_png import LINE_COLOURS, _bands, _export, _pg, _window, rolling_mean
+    pg, app = _pg()
+    win = _window(pg, size)
+    plot = win.addPlot(title=f"tau per prompt, rolling mean over {window} prompts")
+    plot.setLabel("bottom", "prompt")
+    plot.setLabel("left", "tau (tokens per target forward)")
+    plot.showGrid(x=True, y=True, alpha=0.2)
+    legend = plot.addLegend(offset=(10, 5), colCount=len(runs))
+    topics = [p["topic"] for p in runs[0]["prompts"]]
+    taus = {r["name"]: [p["tokens"] / max(p["rounds"], 1) for p in r["prompts"]] for r in runs}
+    y_top = max(max(rolling_mean(t, window)) for t in taus.values()) + 0.5
+    _bands(pg, plot, topics, y_top)
+    for i, r in enumerate(runs):
+        t = taus[r["name"]]
+        plot.plot(list(range(len(t))), rolling_mean(t, window), name=r["name"],
+                  pen=pg.mkPen(LINE_COLOURS[i % len(LINE_COLOURS)], width=2))
+    legend.setZValue(10)
+    plot.setYRange(0.9, y_top + 0.2)
+    plot.setXRange(-0.5, len(topics) - 0.5, padding=0)
+    return _export(pg, app, win, Path(path), size[0])
+
+
 def slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec)
 
@@ -174,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true", help="skip runs whose json says done")
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--summary", default=None, help="print the table of the runs in this folder and exit")
+    ap.add_argument("--plot", default=None, help="with --summary: PNG of rolling tau per prompt of these runs")
+    ap.add_argument("--plot-runs", default=None, help="';'-separated run names for --plot (default: all)")
     args = ap.parse_args(argv)
     if args.summary:
         sums, frozen = load_summaries(Path(args.summary), args.window)
@@ -184,6 +210,13 @@ def main(argv: list[str] | None = None) -> int:
             for v in s["visits"]:
                 if "weights_end" in v:
                     print("   ", v["topic"], v["visit"], "weights", v["weights_end"])
+        if args.plot:
+            want = args.plot_runs.split(";") if args.plot_runs else None
+            runs = [json.loads(f.read_text()) for f in sorted(Path(args.summary).glob("*.json"))]
+            runs = [r for r in runs if "prompts" in r and r.get("done") and (want is None or r["name"] in want)]
+            if want:
+                runs.sort(key=lambda r: want.index(r["name"]))
+            print(plot_runs(args.plot, runs, args.window))
         return 0
     torch.set_num_threads(args.threads)
     import onlinespec_core as osc
