@@ -11,6 +11,7 @@ from onlinespec_core.compare import CompareConfig
 from onlinespec_core.errors import OnlineSpecError
 from onlinespec_core.streams import StreamItem, bundled_streams, from_text, load_stream
 from onlinespec_core.updaters import REGISTRY
+from onlinespec_core.updaters.gradient import expected_type
 
 FALLBACK_PROMPTS = ("def add(a, b):\nSELECT name FROM users WHERE\n"
                     "Tom has 3 apples and buys 4 more. How many apples")
@@ -137,23 +138,8 @@ def updater_fields(name: str) -> dict[str, Any]:
     return out
 
 
-def _want(default: Any, v: Any) -> str | None:
-    """What an option's value must be, judged by its default's type (None: it fits)."""
-    if isinstance(default, bool):
-        return None if isinstance(v, bool) else "True or False"
-    if isinstance(default, int):
-        return None if isinstance(v, int) and not isinstance(v, bool) else "an integer"
-    if isinstance(default, float):
-        return None if isinstance(v, (int, float)) and not isinstance(v, bool) else "a number"
-    if isinstance(default, str):
-        return None if isinstance(v, str) else "a string"
-    if isinstance(default, (list, tuple)):
-        return None if isinstance(v, (list, tuple)) else "a list, e.g. [1e-4, 3e-4]"
-    return None
-
-
 def check_updater(name: str, options: dict[str, Any]) -> None:
-    """Raise OnlineSpecError naming the first bad option ("lr must be a number, got 'fast'"), then
+    """Raise OnlineSpecError naming the first bad option ("lr must be a finite number, got 'fast'"), then
     let the library build the updater once (its own checks); any other error it raises is turned
     into an OnlineSpecError too, so every mistake reaches the dialog."""
     if name not in REGISTRY:
@@ -165,7 +151,7 @@ def check_updater(name: str, options: dict[str, Any]) -> None:
             raise OnlineSpecError(f"updater {name!r} has no option {', '.join(map(repr, bad))}; "
                                   f"its options: {', '.join(fields)}")
         for key, v in options.items():
-            want = _want(fields[key], v)
+            want = expected_type(fields[key], v)
             if want is not None:
                 raise OnlineSpecError(f"{key} must be {want}, got {v!r} (updater {name!r})")
     from onlinespec_core.updaters import make_updater

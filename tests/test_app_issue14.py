@@ -37,7 +37,7 @@ def test_bad_option_in_live_switch_shows_dialog_and_run_goes_on(qtbot, win):
     win.controls.switch_to.options.setText("lr=oops")
     with qtbot.waitSignal(win.error_shown, timeout=WAIT) as blocker:
         win.controls.b_switch.click()
-    assert "lr must be a number, got 'oops'" in blocker.args[0]
+    assert "lr must be a finite number, got 'oops'" in blocker.args[0]
     assert win.error_box.isVisible() and "lr" in win.error_box.text()
     win.controls.switch_to.options.setText("nosuch=1")
     win.switch_updater()
@@ -54,7 +54,7 @@ def test_bad_option_at_start_names_it_before_any_model_loads(qtbot, win):
     win.setup.updater.name.setCurrentText("ogd")
     win.setup.updater.options.setText("lr=fast")
     win.start()
-    assert win.errors and "lr must be a number, got 'fast'" in win.errors[-1]
+    assert win.errors and "lr must be a finite number, got 'fast'" in win.errors[-1]
     assert win.state == "idle" and "run" not in win.kinds_seen and win.error_box.isVisible()
     win.setup.updater.options.setText("")
     win.setup.compare_b.name.setCurrentText("ensemble")  # a compare config's options too

@@ -65,8 +65,9 @@ class GradConfig:
         require(0 <= self.anchor < 1, f"{name}: anchor must be in [0, 1) (a fraction per step; 0 = off)")
 
 
-def _typed(default: Any, v: Any) -> str | None:
-    """What v must be (from the field's default type), or None when it fits."""
+def expected_type(default: Any, v: Any) -> str | None:
+    """What an option's value must be, judged by its default's type, or None when v fits (the
+    one check behind every `key=value` option: library, CLI and app)."""
     if isinstance(default, bool):
         return None if isinstance(v, bool) else "True or False"
     if isinstance(default, int):
@@ -76,6 +77,8 @@ def _typed(default: Any, v: Any) -> str | None:
         return None if ok else "a finite number"
     if isinstance(default, str):
         return None if isinstance(v, str) else "a string"
+    if isinstance(default, (list, tuple)):
+        return None if isinstance(v, (list, tuple)) else "a list, e.g. [1e-4, 3e-4]"
     return None
 
 
@@ -85,7 +88,7 @@ def parse_options(cls: type, options: dict[str, Any], name: str):
     require(not bad, f"updater {name!r} has no option(s) {bad}; valid options: {', '.join(names)}")
     for f in fields(cls):
         if f.name in options and f.default is not dataclasses.MISSING:
-            want = _typed(f.default, options[f.name])
+            want = expected_type(f.default, options[f.name])
             require(want is None, f"updater {name!r}: {f.name} must be {want}, got {options[f.name]!r}")
     try:
         cfg = cls(**options)
