@@ -16,6 +16,7 @@ import torch
 
 from . import state as state_fmt
 from .decoding import DecodeState, new_target_cache, run_round
+from .drafts.base import draft_state, load_draft_state
 from .errors import OnlineSpecError, require
 from .feedback import Round
 from .metrics import Metrics
@@ -481,6 +482,7 @@ class Engine:
         draft = self.draft
         self.updater.detach()  # the deployed weights are in draft.module
         tensors = {f"updater.{k}": v for k, v in self.updater.state_tensors().items()}
+        tensors.update({f"draft.{k}": v for k, v in draft_state(draft).items()})
         tensors["rng"] = self.generator.get_state()
         meta = {
             "config": asdict(self.config), "round_index": self.round_index,
@@ -529,8 +531,12 @@ class Engine:
         self.updater.detach()
         backup = {k: v.detach().clone() for k, v in draft.module.state_dict().items()}
         utensors = {k[len("updater."):]: v.to(self.device) for k, v in tensors.items() if k.startswith("updater.")}
+        dtensors = {k[len("draft."):]: v for k, v in tensors.items() if k.startswith("draft.")}
+        before = draft_state(draft)
         try:
             state_fmt.load_weights(draft.module, st.draft, where, fix)  # checks before writing
+            if before:  # a kind that learns outside its weights: the saved state (empty if none)
+                load_draft_state(draft, dtensors or {k: v[:0] for k, v in before.items()})
             updater.attach(draft)
             try:
                 updater.load_state(utensors, u["state"])
@@ -543,6 +549,8 @@ class Engine:
             with torch.no_grad():  # roll back
                 for k, v in draft.module.state_dict().items():
                     v.copy_(backup[k])
+            if before:
+                load_draft_state(draft, before)
             draft.invalidate()
             raise
         self.config, self.round_index = cfg, meta["round_index"]

@@ -174,3 +174,26 @@ def test_cli_run_with_the_ngram_draft(pair_dirs, tmp_path):
     assert rc == 0
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["config"]["draft_kind"] == "ngram" and metrics["totals"]["tau"] >= 1.0
+
+
+def test_saved_state_keeps_the_stream_index(pair_dirs, tmp_path):
+    """What the ngram draft learnt (its stream index) survives save_state / load_state: a
+    restored engine drafts the repeated prompt from the stream exactly as the original does."""
+    t, _ = pair_dirs["llama"]
+    pair = osc.load_pair(target=str(t), draft_kind="ngram")
+    eng = osc.Engine(pair, k=4)
+    prompt = "def add(a, b): return a + b  # SELECT name FROM users"
+    eng.generate(prompt, 24)
+    eng.save_state(tmp_path / "state")
+    saved = pair.draft.state_tensors()
+    assert int(saved["lengths"].numel()) >= 1
+    want = eng.generate(prompt, 24)
+    fresh = osc.load_pair(target=str(t), draft_kind="ngram")
+    other = osc.Engine(fresh, k=4)
+    other.load_state(tmp_path / "state")
+    got = other.generate(prompt, 24)
+    assert got.token_ids == want.token_ids
+    assert [r.drafted for r in got.rounds] == [r.drafted for r in want.rounds]
+    assert sum(r.accepted for r in got.rounds) > 0  # drafted from the restored index
+    with pytest.raises(osc.OnlineSpecError, match="ngram index is corrupt"):
+        fresh.draft.load_state_tensors({"docs": torch.tensor([1, 2]), "lengths": torch.tensor([5])})

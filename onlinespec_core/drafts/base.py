@@ -49,6 +49,20 @@ class Draft(Protocol):
         """Write weights (safetensors) + config into directory path."""
 
 
+def draft_state(draft: Draft) -> dict[str, torch.Tensor]:
+    """What a draft learnt outside its module's weights (e.g. the ngram draft's stream index):
+    draft.state_tensors() where a kind has it, else nothing. Saved with the engine's state."""
+    fn = getattr(draft, "state_tensors", None)
+    return dict(fn()) if fn is not None else {}
+
+
+def load_draft_state(draft: Draft, tensors: dict[str, torch.Tensor]) -> None:
+    """The inverse of draft_state (load_state_tensors); a kind without it must get nothing."""
+    fn = getattr(draft, "load_state_tensors", None)
+    if fn is not None:
+        fn(tensors)
+
+
 def crop_cache(cache, keep_len: int) -> None:
     """Keep the first keep_len positions of an HF cache (crop takes a negative count)."""
     if cache is None:

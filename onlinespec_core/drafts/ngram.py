@@ -183,6 +183,31 @@ class NgramDraft:
     def invalidate(self) -> None:
         pass  # no weights, nothing cached that depends on them
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """What the draft has learnt: the stream index as the documents it holds, oldest first
+        (flat ids + lengths; the current sequence is filed as the last one, as reset() would)."""
+        docs = [t for _, t in (self.arctic.docs if self.arctic is not None else self.index.docs)]
+        if self.local.tokens:
+            docs.append(list(self.local.tokens))
+        flat = [t for d in docs for t in d]
+        return {"docs": torch.tensor(flat, dtype=torch.long),
+                "lengths": torch.tensor([len(d) for d in docs], dtype=torch.long)}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Rebuild the stream index from state_tensors() (same FIFO budget and eviction)."""
+        docs, lengths = tensors.get("docs"), tensors.get("lengths")
+        require(docs is not None and lengths is not None and docs.dim() == 1 and lengths.dim() == 1
+                and int(lengths.sum()) == docs.numel() and bool((lengths >= 0).all())
+                and (docs.numel() == 0 or (int(docs.min()) >= 0 and int(docs.max()) < self.vocab_size)),
+                "the saved ngram index is corrupt (docs/lengths do not fit); save the state again")
+        self.index = NgramIndex(self.min_n, self.max_n, max(1, self.max_index_tokens))
+        if self.arctic is not None:
+            self.arctic = _ArcticStream(self.max_n, self.max_index_tokens)
+        self.local = _LocalIndex(self.min_n, self.max_n)
+        self.sequences = 0
+        for d in docs.split(lengths.tolist()):
+            self._add_to_stream(d.tolist())
+
     def observe_sequence(self, seq: torch.Tensor) -> None:
         """The engine finished a sequence (prompt + output): add all of it to the stream index."""
         self._add_to_stream(seq.tolist())
