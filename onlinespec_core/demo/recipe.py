@@ -146,13 +146,13 @@ def decode_ms(model, n: int = 40, prompt_len: int = 20, reps: int = 3) -> float:
         for r in range(reps):
             ids = torch.randint(3, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(r))
             cache = DynamicCache()
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids, cache=cache, use_cache=True)
             tok = out.logits[:, -1:].argmax(-1)
             t0 = None
             for i in range(n + 5):
                 if i == 5:
                     t0 = time.perf_counter()
-                out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+                out = model(input_ids=tok, cache=cache, use_cache=True)
                 tok = out.logits[:, -1:].argmax(-1)
             times.append((time.perf_counter() - t0) / n * 1000)
     return sorted(times)[len(times) // 2]
