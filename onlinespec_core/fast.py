@@ -168,6 +168,7 @@ class LeanLM:
         self.lm_head = PackedLinear(head.weight, head.bias) if frozen else LiveLinear(head)
         self.embed = model.model.embed_tokens
         self.norm = model.model.norm
+        self.tied = self.embed.weight is head.weight
 
     def _layer(self, lay: nn.Module) -> _Layer:
         a, m = lay.self_attn, lay.mlp
@@ -226,7 +227,10 @@ class LeanLM:
         """The decoder stack over ids [n] at positions start..; kv(layer, k, v) -> every key and
         value the new queries attend to ([H_kv, start+n, D]). Returns the final-norm states."""
         n = ids.numel()
-        x = self.embed(ids)  # [n, H]
+        # training form with tied embeddings: a sparse embedding grad (a few rows) joins the
+        # lm_head's dense one, instead of a dense [V, H] zero tensor + add per step
+        x = F.embedding(ids, self.embed.weight, self.embed.padding_idx,
+                        sparse=self.tied and not self.frozen and torch.is_grad_enabled())
         cos, sin = self.rope(x, start, n)
         # query i (position start+i) sees keys 0..start+i
         mask = None if n == 1 else torch.ones(n, start + n, dtype=torch.bool,

@@ -245,3 +245,26 @@ def test_demo_pair_fast_path_equals_plain_hf_on_held_out_prompts():
                                  pad_token_id=pair.tokenizer.pad_token_id or 0,
                                  attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
         assert eng.generate(ids, 40).token_ids == ref, topic
+
+
+def test_tied_draft_training_form_gives_the_dense_gradient(tokenizer):
+    """Tied embeddings: the training form's sparse embedding grad plus the lm_head's dense one
+    equals the all-dense gradient."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True, pad_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    lean = fast.LeanLM(model, frozen=False)
+    assert lean.tied
+    ids = torch.tensor(tokenizer("def add(a, b): return a + b")["input_ids"])
+    with torch.inference_mode():
+        cache = lean.new_cache()
+        lean.forward(ids[:-4], cache)
+    grads = []
+    for tied in (True, False):
+        lean.tied = tied
+        loss = lean.forward_after(ids[-5:], cache, ids.numel() - 5).log_softmax(-1)[:, 7].sum()
+        grads.append(torch.autograd.grad(loss, [model.get_output_embeddings().weight])[0])
+    assert not grads[0].is_sparse
+    torch.testing.assert_close(grads[0], grads[1])
