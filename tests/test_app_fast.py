@@ -28,3 +28,18 @@ def test_fast_setting_picks_the_decode_path(qtbot, tmp_path, pair_dirs, use_fast
     assert_lossless(w, pair_dirs, items=TOPICS[:2])
     w.close()
     assert not w.thread.isRunning()
+
+
+def test_ensemble_legend_names_the_offline_expert(qtbot, tmp_path, pair_dirs):
+    """The ensemble's step-0 expert (the offline draft) is labelled as such, not as 'e1'."""
+    from onlinespec_core.streams import write_stream
+    stream = tmp_path / "stream.jsonl"
+    write_stream(TOPICS[:2], stream)
+    w = MainWindow(QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat))
+    qtbot.addWidget(w)
+    configure(w, pair_dirs["llama"], stream, updater="ensemble")
+    w.show()
+    run_to_end(qtbot, w)
+    title = w.plots.p_w.titleLabel.text
+    assert "0 (offline)" in title and "e1" not in title, title
+    w.close()

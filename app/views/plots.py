@@ -264,7 +264,8 @@ class PlotsView(QWidget):
         for j in range(k):
             lr = s.step_sizes[j] if j < len(s.step_sizes) else None
             col = EXPERT_COLORS[j % len(EXPERT_COLORS)]
-            keys.append(f"<span style='color:{col}'>\u25a0</span>" + (f"{lr:.0e}" if lr else f"e{j + 1}"))
+            name = f"e{j + 1}" if lr is None else ("0 (offline)" if lr == 0 else f"{lr:.0e}")
+            keys.append(f"<span style='color:{col}'>\u25a0</span>" + name)
         self.p_w.setTitle(f"<span style='font-size:10pt'>Ensemble weights</span> "
                           f"<span style='font-size:8pt'>\u03b7: {' '.join(keys)}</span>")
 
