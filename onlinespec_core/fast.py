@@ -223,7 +223,7 @@ class LeanLM:
             g, u = lay.gate_up[0](h), lay.gate_up[1](h)
         return lay.down(self.act(g) * u)
 
-    def _layers(self, ids: torch.Tensor, start: int, kv: Callable) -> torch.Tensor:
+    def _layers(self, ids: torch.Tensor, start: int, kv: Callable, pos: int | None = None) -> torch.Tensor:
         """The decoder stack over ids [n] at positions start..; kv(layer, k, v) -> every key and
         value the new queries attend to ([H_kv, start+n, D]). Returns the final-norm states."""
         n = ids.numel()
@@ -231,7 +231,7 @@ class LeanLM:
         # lm_head's dense one, instead of a dense [V, H] zero tensor + add per step
         x = F.embedding(ids, self.embed.weight, self.embed.padding_idx,
                         sparse=self.tied and not self.frozen and torch.is_grad_enabled())
-        cos, sin = self.rope(x, start, n)
+        cos, sin = self.rope(x, start if pos is None else pos, n)  # pos: position of ids[0]
         # query i (position start+i) sees keys 0..start+i
         mask = None if n == 1 else torch.ones(n, start + n, dtype=torch.bool,
                                                device=ids.device).tril(diagonal=start)
@@ -247,25 +247,27 @@ class LeanLM:
             x = x + self._mlp(lay, rms_norm(x, lay.post_norm, self.eps))
         return rms_norm(x, self.norm.weight, self.eps)
 
-    def forward(self, ids: torch.Tensor, cache: KVCache, keep: int = 1,
-                need_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """ids [n] at positions cache.length.. -> (logits [keep, V] of the last keep positions,
-        final-norm hidden states [n, H] when need_hidden). Appends n positions to the cache."""
+    def forward(self, ids: torch.Tensor, cache: KVCache, keep: int = 1, need_hidden: bool = False,
+                pos: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """ids [n] at positions cache.length.. (or pos.. for a cache that holds a context tail from
+        position pos - length) -> (logits [keep, V] of the last keep positions, final-norm hidden
+        states [n, H] when need_hidden). Appends n positions to the cache."""
         n, start = ids.numel(), cache.length
         cache.reserve(start + n)
-        hidden = self._layers(ids, start, cache.write)
+        hidden = self._layers(ids, start, cache.write, pos)
         cache.length = start + n
         return self.lm_head(hidden[-keep:]), (hidden if need_hidden else None)
 
-    def forward_after(self, ids: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
-        """Training form (grad on): logits [n, V] of ids [n] at positions start.., attending to
-        the cache's keys/values of positions < start as constants (no gradient flows into the
-        context: its K/V are the ones the proposal computed with these same weights)."""
+    def forward_after(self, ids: torch.Tensor, cache: KVCache, start: int,
+                      pos: int | None = None) -> torch.Tensor:
+        """Training form (grad on): logits [n, V] of ids [n] after the cache's first `start` rows
+        (at positions start.., or pos..), attending to those rows' keys/values as constants (no
+        gradient flows into the context; its K/V were computed with these same weights)."""
         def kv(li: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             # clone: the cache was written under inference_mode
             return (torch.cat([cache.k[li][:, :start].clone(), k], dim=1),
                     torch.cat([cache.v[li][:, :start].clone(), v], dim=1))
-        return self.lm_head(self._layers(ids, start, kv))
+        return self.lm_head(self._layers(ids, start, kv, pos))
 
     def weights_version(self) -> int:
         """Changes whenever any weight is written in place (optimizer steps, load_state)."""

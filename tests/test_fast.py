@@ -148,9 +148,18 @@ def test_online_step_reads_the_proposal_cache_not_the_context(family_dirs):
     torch.testing.assert_close(fast_logits, slow_logits, atol=1e-4, rtol=1e-4)
     assert fast_logits.requires_grad
     draft.reuse_cache = True
-    with torch.no_grad():  # any weight write makes the cached K/V stale: fall back to the re-read
-        next(draft.module.parameters()).mul_(1.0)
-    assert not draft._cached_context(last)
+    with torch.no_grad():  # any weight write makes the cached K/V stale: the tail's K/V are
+        next(draft.module.parameters()).mul_(1.01)  # recomputed (no grad) under the new weights
+    assert not draft._cached_context(last) and draft._context_state(last) == "stale"
+    stale = draft.train_logits(last)
+    draft.reuse_cache = False
+    torch.testing.assert_close(stale, draft.train_logits(last), atol=1e-4, rtol=1e-4)
+    assert stale.requires_grad
+    for r in rounds[:3]:  # every earlier round of the sequence too
+        draft.reuse_cache = True
+        a = draft.train_logits(r)
+        draft.reuse_cache = False
+        torch.testing.assert_close(a, draft.train_logits(r), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -268,3 +277,21 @@ def test_tied_draft_training_form_gives_the_dense_gradient(tokenizer):
         grads.append(torch.autograd.grad(loss, [model.get_output_embeddings().weight])[0])
     assert not grads[0].is_sparse
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_stale_context_read_keeps_absolute_positions(family_dirs):
+    """A context tail that starts mid-sequence (feedback_window < context) is re-read at its
+    own positions: the same logits as HF's re-read with position_ids."""
+    t, d = family_dirs["llama"]
+    pair = osc.load_pair(target=str(t), draft=str(d))
+    eng = osc.Engine(pair, k=3, keep_distributions=True, feedback_window=6)
+    rounds = [r for r in eng.generate(PROMPTS[2], 20).rounds if r.k > 0]
+    draft = pair.draft
+    with torch.no_grad():  # weights changed since the proposal: the stale-tail read
+        next(draft.module.parameters()).mul_(1.01)
+    for r in rounds[-3:]:
+        assert r.context_len - r.context_tail.numel() > 0 and draft._context_state(r) == "stale"
+        a = draft.train_logits(r)
+        draft.reuse_cache = False
+        torch.testing.assert_close(a, draft.train_logits(r), atol=1e-4, rtol=1e-4)
+        draft.reuse_cache = True

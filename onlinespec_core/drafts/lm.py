@@ -78,25 +78,43 @@ class LMDraft:
                hidden_start: int = 0) -> None:
         crop_cache(self.cache, valid_len)
 
-    def _cached_context(self, rnd: Round) -> bool:
-        """The cache holds this round's context (positions < context_len - 1), computed with the
-        current weights: then only the drafted positions need a forward with grad."""
+    def _context_state(self, rnd: Round) -> str | None:
+        """Is this round's context (positions < context_len - 1) in the proposal cache?
+        'fresh': yes, computed with the current weights; 'stale': the same sequence, but the
+        weights changed since (e.g. an ensemble expert's); None: another sequence or no cache."""
         c, tail, lean = self.cache, rnd.context_tail, self.lean
         if not (self.reuse_cache and isinstance(c, fast.KVCache) and lean is not None
                 and self.cached is not None and tail is not None and tail.numel() > 0):
-            return False
+            return None
         L = rnd.context_len
-        if c.length < L - 1 or self.cached.numel() < L or self.cache_version != lean.weights_version():
-            return False
-        return torch.equal(self.cached[L - tail.numel():L].to(tail.device), tail)
+        if c.length < L - 1 or self.cached.numel() < L:
+            return None
+        if not torch.equal(self.cached[L - tail.numel():L].to(tail.device), tail):
+            return None
+        return "fresh" if self.cache_version == lean.weights_version() else "stale"
+
+    def _cached_context(self, rnd: Round) -> bool:
+        return self._context_state(rnd) == "fresh"
 
     def train_logits(self, rnd: Round) -> torch.Tensor:
         # q_i conditions on context + x_1..x_{i-1}: feed the context tail and drafted[:-1]
         assert rnd.context_tail is not None
-        if self._cached_context(rnd):
+        state, lean = self._context_state(rnd), self.lean
+        if state is not None:
             drafted = torch.tensor(rnd.drafted[:-1], dtype=torch.long, device=self.device)
             ids = torch.cat([rnd.context_tail[-1:].to(self.device), drafted])
-            return pad_vocab(self.lean.forward_after(ids, self.cache, rnd.context_len - 1), self.vocab_size)
+            if state == "fresh":  # the proposal's own K/V: only the drafted rows run, with grad
+                return pad_vocab(lean.forward_after(ids, self.cache, rnd.context_len - 1), self.vocab_size)
+            # stale (another expert's weights): the tail's K/V under the current weights, no
+            # grad, then the same form; the proposal ran the same, so no gradient flows there
+            tail = rnd.context_tail.to(self.device)
+            ctx = lean.new_cache(capacity=tail.numel() + ids.numel())
+            if tail.numel() > 1:
+                with torch.inference_mode():
+                    lean.forward(tail[:-1], ctx, 1, pos=rnd.context_len - tail.numel())
+            return pad_vocab(lean.forward_after(ids, ctx, ctx.length, pos=rnd.context_len - 1),
+                             self.vocab_size)
+        # another sequence's round (chunk cadence, a restore): re-read its tail, grad through all
         drafted = torch.tensor(rnd.drafted[:-1], dtype=torch.long, device=rnd.context_tail.device)
         ids = torch.cat([rnd.context_tail, drafted])[None].to(self.device)
         start = rnd.context_len - rnd.context_tail.numel()  # same positions as at drafting time
