@@ -213,13 +213,18 @@ def test_bad_model_path_shows_error_and_app_keeps_working(qtbot, win, pair_dirs,
     assert "done" in win.kinds_seen and len(win.errors) == 2
 
 
-def test_save_and_load_state(qtbot, win, tmp_path):
+def run_ogd_and_save(qtbot, win, path) -> None:
+    """A short ogd run (a step per round), then File > Save state to path."""
     win.setup.updater.name.setCurrentText("ogd")
     win.setup.updater.options.setText("every=1, batch=1")
     run_to_end(qtbot, win)
-    path = tmp_path / "state"
     with qtbot.waitSignal(win.worker.message, timeout=WAIT):
         win.worker.save_state(str(path))
+
+
+def test_save_and_load_state(qtbot, win, tmp_path):
+    path = tmp_path / "state"
+    run_ogd_and_save(qtbot, win, path)
     assert {"draft.safetensors", "state.safetensors", "state.json"} <= {p.name for p in path.iterdir()}
     saved_round = json.loads((path / "state.json").read_text())["round_index"]
     with qtbot.waitSignal(win.worker.message, timeout=WAIT) as blocker:

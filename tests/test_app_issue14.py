@@ -14,7 +14,7 @@ from PySide6.QtWidgets import QApplication, QToolTip
 from app.records import UiEvent
 from app.views.tokens import TokenView
 from app.window import MainWindow
-from tests.test_app import WAIT, configure, run_to_end, stream_file, win  # noqa: F401 (fixtures)
+from tests.test_app import WAIT, configure, run_ogd_and_save, run_to_end, stream_file, win  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -170,12 +170,8 @@ def test_wheel_over_unfocused_fields_scrolls_instead_of_changing_them(qtbot, tmp
 
 
 def test_load_state_says_what_start_continues(qtbot, win, tmp_path):
-    win.setup.updater.name.setCurrentText("ogd")
-    win.setup.updater.options.setText("every=1, batch=1")
-    run_to_end(qtbot, win)
     path = tmp_path / "state"
-    with qtbot.waitSignal(win.worker.message, timeout=WAIT):
-        win.worker.save_state(str(path))
+    run_ogd_and_save(qtbot, win, path)
     win.setup.updater.name.setCurrentText("frozen")  # the panel disagrees with the saved state
     win.setup.updater.options.setText("")
     win.setup.max_new.setValue(300)

@@ -214,10 +214,9 @@ def test_ensemble_frozen_expert_relative_hedge(rounds_and_pair, pair_dirs):
     assert ens._scaled([2.0, 1.0, 4.0, 4.0]) == [0.5, 0.25, 1.0, 1.0]  # l_i / max_j l_j
 
 
-def test_optimistic_step_on_draft(rounds_and_pair, pair_dirs):
-    rounds, _ = rounds_and_pair
-    draft = fresh_draft(pair_dirs)
-    up = OptimisticUpdater(every=2, batch=2, lr=0.05, max_grad_norm=0, precondition="none", anchor=0.0)
+def first_step(up, draft, rounds):
+    """Attach, take the gradient of the first batch (rounds 0-1) by hand, then let the updater
+    observe them: (params, weights before, that gradient)."""
     up.attach(draft)
     params = list(draft.module.parameters())
     w1 = [p.detach().clone() for p in params]
@@ -226,6 +225,14 @@ def test_optimistic_step_on_draft(rounds_and_pair, pair_dirs):
         g1 = torch.autograd.grad(loss, params)
     up.observe(rounds[0])
     up.observe(rounds[1])
+    return params, w1, g1
+
+
+def test_optimistic_step_on_draft(rounds_and_pair, pair_dirs):
+    rounds, _ = rounds_and_pair
+    draft = fresh_draft(pair_dirs)
+    up = OptimisticUpdater(every=2, batch=2, lr=0.05, max_grad_norm=0, precondition="none", anchor=0.0)
+    params, w1, g1 = first_step(up, draft, rounds)
     for p, w, g, s, h in zip(params, w1, g1, up.shadow, up.hint):  # h_1 = 0
         torch.testing.assert_close(s, w - 0.05 * g)
         torch.testing.assert_close(h, g)
@@ -333,14 +340,7 @@ def test_optimistic_adam_preconditioned_step(rounds_and_pair, pair_dirs):
     draft = fresh_draft(pair_dirs)
     up = OptimisticUpdater(every=2, batch=2, lr=1e-3, max_grad_norm=0, anchor=0.0)
     assert up.cfg.precondition == "adam" and up.cfg.beta1 == 0.9
-    up.attach(draft)
-    params = list(draft.module.parameters())
-    w1 = [p.detach().clone() for p in params]
-    with torch.enable_grad():
-        loss = torch.stack([round_distill_loss(draft.train_logits(r), r) for r in rounds[:2]]).mean()
-        g1 = torch.autograd.grad(loss, params)
-    up.observe(rounds[0])
-    up.observe(rounds[1])
+    params, w1, g1 = first_step(up, draft, rounds)
     for p, w, g in zip(params, w1, g1):  # t = 1: m^ = g, v^ = g^2, so d = g / (|g| + 1e-8) ~ sign(g)
         d = g / (g.abs() + 1e-8)
         torch.testing.assert_close(p.data, w - 2 * 1e-3 * d, rtol=1e-4, atol=1e-6)
