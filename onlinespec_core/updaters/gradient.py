@@ -380,6 +380,9 @@ class GradientUpdater:
         proposed with (merged into one forward per sequence for lm drafts on the path)."""
         c = self.cfg
         ms = [n_positions(r, c.positions) for r in batch]
+        if hasattr(self.draft, "train_rows"):  # hydra: every round's rows in one pass
+            ms = [min(m, r.k) for m, r in zip(ms, batch)]
+            return list(self.draft.train_rows(batch, ms).split(ms))
         if not (c.merge and c.positions == "path" and getattr(self.draft, "kind", None) == "lm"):
             return [self.draft.train_logits(r)[:m] for r, m in zip(batch, ms)]
         out: list[torch.Tensor] = [None] * len(batch)  # type: ignore[list-item]
@@ -397,6 +400,12 @@ class GradientUpdater:
             return torch.stack([self.item_loss(r) for r in batch])
         if c.merge and c.positions == "path" and getattr(self.draft, "kind", None) == "lm":
             return self.merged_losses(batch)
+        if hasattr(self.draft, "train_rows"):  # hydra: one pass, one divergence over all rows
+            ms = [min(n_positions(r, c.positions), r.k) for r in batch]
+            rows = self.draft.train_rows(batch, ms)
+            targets = torch.cat([r.target_logits[:m].to(rows.device) for r, m in zip(batch, ms)])
+            per = distill_rows(rows, targets, c.loss, c.temperature)
+            return torch.stack([part.mean() for part in per.split(ms)])
         return torch.stack([round_distill_loss(lg, r, c.loss, c.positions, c.temperature)
                             for lg, r in zip(self.batch_logits(batch), batch)])
 
@@ -421,9 +430,12 @@ class GradientUpdater:
         out[torch.tensor(order, device=sums.device)] = sums
         return out
 
-    def losses_and_grads(self, batch: list[Round]) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    def losses_and_grads(self, batch: list[Round], clip: bool = True
+                         ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """Per-round losses [B] (detached) at the module's current weights and the clipped fp32
-        gradient of their mean; grads None when the loss or gradient is non-finite."""
+        gradient of their mean; grads None when the loss or gradient is non-finite. clip=False:
+        the gradient unscaled and self.clip_scale = the divisor that clipping would apply
+        (for a fused optimizer kernel that divides by it itself: one pass less)."""
         with torch.enable_grad():
             losses = self.batch_losses(batch)
             total = losses.mean()
@@ -431,7 +443,13 @@ class GradientUpdater:
                 return losses.detach(), None
             gs = torch.autograd.grad(total, self.params, allow_unused=True)
         grads = [torch.zeros_like(p, dtype=torch.float32) if g is None else g.float() for g, p in zip(gs, self.params)]
-        if clip_(grads, self.cfg.max_grad_norm) is None:
+        if not clip:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            if not bool(torch.isfinite(norm)):
+                return losses.detach(), None
+            mx = self.cfg.max_grad_norm
+            self.clip_scale = (float(norm) + 1e-6) / mx if mx > 0 and float(norm) > mx else 1.0
+        elif clip_(grads, self.cfg.max_grad_norm) is None:
             return losses.detach(), None
         self.last_loss = float(total.detach())
         return losses.detach(), grads

@@ -84,16 +84,63 @@ class OptimisticUpdater(GradientUpdater):
     name = "optimistic"
     Config = OptimisticConfig
 
+    @property
+    def hint(self) -> list[torch.Tensor]:
+        """h_t (the last step direction); the fused Adam path stores lr * h_t (self.delta)."""
+        if self.fused:
+            return [d / self.cfg.lr for d in self.delta]
+        return self._hint
+
+    @hint.setter
+    def hint(self, value: list[torch.Tensor]) -> None:
+        if self.fused:
+            self.delta = [h * self.cfg.lr for h in value]
+        else:
+            self._hint = value
+
+    @property
+    def fused(self) -> bool:
+        """precondition='adam' with momentum: the moments and the shadow step in ONE fused Adam
+        kernel (torch._fused_adam_: the same m^ / (sqrt(v^) + 1e-8) direction), the hint kept
+        as lr * h = w^_old - w^_new; ~7 passes over the weights per step instead of ~17."""
+        return self.adam and self.cfg.beta1 > 0
+
     def init_weights(self) -> None:
         c = self.cfg
         self.shadow = fp32_copy(self.params)  # w^_1 = current draft, h_1 = 0  ->  w_1 = w^_1
         self.hint = [torch.zeros_like(s) for s in self.shadow]
+        self._dep = None
         self.v = [torch.zeros_like(s) for s in self.shadow] if self.adam else []  # second moment
         self.m = [torch.zeros_like(s) for s in self.shadow] if self.adam and c.beta1 > 0 else []
         self.t = 0
         self.opt = (make_optimizer("sgd", self.shadow, c.lr, c.momentum, c.weight_decay)
                     if c.form == "momentum" else None)
-        self._deployed = self.shadow if self.opt else deployed_weights(self.shadow, self.hint, c.lr)
+        self._deployed = self.shadow if self.opt else self._deploy()
+
+    def _deploy(self) -> list[torch.Tensor]:
+        """w = w^ - lr * h (the fused path reuses one buffer)."""
+        if not self.fused:
+            return deployed_weights(self.shadow, self.hint, self.cfg.lr)
+        if getattr(self, "_dep", None) is None:
+            self._dep = [torch.empty_like(s) for s in self.shadow]
+        torch._foreach_copy_(self._dep, self.shadow)
+        torch._foreach_sub_(self._dep, self.delta)
+        return self._dep
+
+    @torch.no_grad()
+    def _fused_step(self, grads: list[torch.Tensor], scale: float) -> None:
+        c = self.cfg
+        self.t += 1
+        torch._foreach_copy_(self.delta, self.shadow)  # w^ before the step
+        step = torch.tensor(float(self.t))
+        torch._fused_adam_(self.shadow, grads, self.m, self.v, [], [step] * len(grads), lr=c.lr,
+                           beta1=c.beta1, beta2=c.beta2, weight_decay=0.0, eps=1e-8, amsgrad=False,
+                           maximize=False, grad_scale=torch.tensor(scale) if scale != 1.0 else None,
+                           found_inf=None)
+        torch._foreach_sub_(self.delta, self.shadow)  # lr * d_t: the new hint (times lr)
+        self.pull_to_offline(self.shadow)
+        self._deployed = self._deploy()
+        write_params(self.params, self._deployed)
 
     @property
     def adam(self) -> bool:
@@ -103,6 +150,12 @@ class OptimisticUpdater(GradientUpdater):
         return self._deployed
 
     def step(self, batch: list[Round], n_new: int) -> bool:
+        if self.fused:
+            _, grads = self.losses_and_grads(batch, clip=False)  # g_t at the deployed w_t
+            if grads is None:
+                return False
+            self._fused_step(grads, self.clip_scale)
+            return True
         _, grads = self.losses_and_grads(batch)  # g_t at the deployed w_t
         if grads is None:
             return False
@@ -116,7 +169,7 @@ class OptimisticUpdater(GradientUpdater):
             self._deployed = optimistic_step(self.shadow, self.hint, grads, self.cfg.lr)
             if self.cfg.anchor > 0:
                 self.pull_to_offline(self.shadow)
-                self._deployed = deployed_weights(self.shadow, self.hint, self.cfg.lr)
+                self._deployed = self._deploy()
         if self.opt is not None:
             self.pull_to_offline(self.shadow)
         write_params(self.params, self._deployed)
@@ -131,7 +184,10 @@ class OptimisticUpdater(GradientUpdater):
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         t = {f"shadow.{i}": s for i, s in enumerate(self.shadow)}
-        t.update({f"hint.{i}": h for i, h in enumerate(self.hint)})
+        if self.fused:  # lr * h as held (bit-exact restore)
+            t.update({f"delta.{i}": d for i, d in enumerate(self.delta)})
+        else:
+            t.update({f"hint.{i}": h for i, h in enumerate(self.hint)})
         t.update({f"v.{i}": v for i, v in enumerate(self.v)})
         t.update({f"m.{i}": m for i, m in enumerate(self.m)})
         if self.opt is not None:
@@ -144,7 +200,10 @@ class OptimisticUpdater(GradientUpdater):
     def load_extra(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         c = self.cfg
         self.shadow = load_list(tensors, "shadow", self.shadow)
-        self.hint = load_list(tensors, "hint", self.hint)
+        if self.fused and "delta.0" in tensors:
+            self.delta = load_list(tensors, "delta", self.delta)
+        else:
+            self.hint = load_list(tensors, "hint", self.hint)
         if self.adam:
             self.v = load_list(tensors, "v", self.v)
             if self.m:
@@ -155,4 +214,4 @@ class OptimisticUpdater(GradientUpdater):
             load_optim(self.opt, tensors, meta["opt"], "opt")
             self._deployed = self.shadow
         else:
-            self._deployed = deployed_weights(self.shadow, self.hint, c.lr)
+            self._deployed = self._deploy()
