@@ -109,6 +109,52 @@ extern "C" void os_gemm(const float* x, int64_t M, int64_t K, const float* wp, i
         }
     }
 }
+// y = w * (x * (1 / sqrt(mean(x^2) + eps))) per row of x [n, h]: HF's RMSNorm in fp32, each
+// step rounded as torch does (x*x, sum, / h, + eps, sqrt, 1/., two multiplies); only the sum's
+// order differs (16 lanes, then the lanes in order)
+extern "C" void os_rms_norm(const float* x, const float* w, float* y, int64_t n, int64_t h,
+                            float eps) {
+    for (int64_t i = 0; i < n; ++i) {
+        const float* xi = x + i * h;
+        float* yi = y + i * h;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t j = 0; j < h; j += 16) {
+            __mmask16 mk = h - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (h - j)) - 1u);
+            __m512 v = _mm512_maskz_loadu_ps(mk, xi + j);
+            acc = _mm512_add_ps(acc, _mm512_mul_ps(v, v));
+        }
+        float lanes[16];
+        _mm512_storeu_ps(lanes, acc);
+        float ss = 0.0f;
+        for (int l = 0; l < 16; ++l) ss += lanes[l];
+        float r = 1.0f / __builtin_sqrtf(ss / (float)h + eps);
+        for (int64_t j = 0; j < h; ++j) yi[j] = w[j] * (xi[j] * r);
+    }
+}
+// RoPE (HF's rotate_half: x*cos + [-x2, x1]*sin, multiplies and the add rounded separately) on
+// n rows of q [n, hq*d] and k [n, hkv*d] (row strides qs, ks, vs); q -> qo [hq, n, d]; k and v
+// -> rows start.. of the caches kc, vc [hkv, cap, d]
+static inline void rot(const float* x, const float* c, const float* s, float* o, int64_t d) {
+    int64_t half = d / 2;
+    for (int64_t j = 0; j < half; ++j) o[j] = x[j] * c[j] + (-x[j + half]) * s[j];
+    for (int64_t j = half; j < d; ++j) o[j] = x[j] * c[j] + x[j - half] * s[j];
+}
+extern "C" void os_rope_kv(const float* q, int64_t qs, const float* k, int64_t ks,
+                           const float* v, int64_t vs, int64_t n, int64_t hq, int64_t hkv,
+                           int64_t d, const float* cos, const float* sin, float* qo, float* kc,
+                           float* vc, int64_t cap, int64_t start) {
+    for (int64_t i = 0; i < n; ++i) {
+        const float* c = cos + i * d;
+        const float* s = sin + i * d;
+        for (int64_t h = 0; h < hq; ++h) rot(q + i * qs + h * d, c, s, qo + (h * n + i) * d, d);
+        for (int64_t h = 0; h < hkv; ++h) {
+            rot(k + i * ks + h * d, c, s, kc + (h * cap + start + i) * d, d);
+            const float* vi = v + i * vs + h * d;
+            float* vo = vc + (h * cap + start + i) * d;
+            for (int64_t j = 0; j < d; ++j) vo[j] = vi[j];
+        }
+    }
+}
 """
 _gemm_lib: list = []  # [ctypes function or None] once tried
 GEMM_MAX_ROWS = 16  # more rows (a prompt): MKL's GEMM, compute-bound there
@@ -119,12 +165,26 @@ def _cache_dir() -> Path:
     return Path(base) / "onlinespec" / "kernels"
 
 
-def gemm_kernel() -> Callable | None:
-    """The compiled few-row GEMM, or None (env ONLINESPEC_NO_KERNEL=1, no AVX-512, no compiler,
-    or a failed self-check): callers then use MKL (x @ W^T)."""
+class _Kernels:
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        P, I = ctypes.c_void_p, ctypes.c_int64
+        self.gemm = lib.os_gemm
+        self.gemm.argtypes = [P, I, I, P, I, P, P]
+        self.rms_norm = lib.os_rms_norm
+        self.rms_norm.argtypes = [P, P, P, I, I, ctypes.c_float]
+        self.rope_kv = lib.os_rope_kv
+        self.rope_kv.argtypes = [P, I, P, I, P, I, I, I, I, I, P, P, P, P, P, I, I]
+        for f in (self.gemm, self.rms_norm, self.rope_kv):
+            f.restype = None
+
+
+def kernels() -> _Kernels | None:
+    """The compiled CPU kernels (few-row GEMM, RMSNorm, RoPE + cache write), or None (env
+    ONLINESPEC_NO_KERNEL=1, no AVX-512, no C++ compiler, or a failed self-check): callers then
+    run the torch ops (MKL's x @ W^T for the GEMM)."""
     if _gemm_lib:
         return _gemm_lib[0]
-    fn = None
+    ks = None
     try:
         if os.environ.get("ONLINESPEC_NO_KERNEL", "") not in ("", "0"):
             raise RuntimeError("disabled")
@@ -133,7 +193,8 @@ def gemm_kernel() -> Callable | None:
         cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
         if cxx is None:
             raise RuntimeError("no C++ compiler")
-        flags = ["-O3", "-mavx512f", "-mfma", "-shared", "-fPIC"]
+        # no FMA contraction: the elementwise kernels round each multiply and add as torch does
+        flags = ["-O3", "-mavx512f", "-mfma", "-ffp-contract=off", "-shared", "-fPIC"]
         tag = hashlib.sha1((_GEMM_SRC + cxx + " ".join(flags)).encode()).hexdigest()[:16]
         so = _cache_dir() / f"osgemm-{tag}.so"
         if not so.is_file():
@@ -144,18 +205,18 @@ def gemm_kernel() -> Callable | None:
                 subprocess.run([cxx, *flags, "-o", str(out), str(src)], check=True,
                                capture_output=True, timeout=120)
                 os.replace(out, so)  # atomic: concurrent first uses each write their own
-        lib = ctypes.CDLL(str(so))
-        f = lib.os_gemm
-        f.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                      ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-        f.restype = None
-        fn = f
-        if not _self_check(fn):
-            fn = None
-    except Exception:  # noqa: BLE001 - any failure: the MKL path, same results' quality
-        fn = None
-    _gemm_lib.append(fn)
-    return fn
+        ks = _Kernels(ctypes.CDLL(str(so)))
+        if not _self_check(ks):
+            ks = None
+    except Exception:  # noqa: BLE001 - any failure: the torch path, same results' quality
+        ks = None
+    _gemm_lib.append(ks)
+    return ks
+
+
+def gemm_kernel() -> Callable | None:
+    ks = kernels()
+    return None if ks is None else ks.gemm
 
 
 def pack_blocked(w: torch.Tensor) -> torch.Tensor:
@@ -175,7 +236,7 @@ def _gemm(fn: Callable, x: torch.Tensor, wp: torch.Tensor, n: int,
     return y
 
 
-def _self_check(fn: Callable) -> bool:
+def _self_check(ks: _Kernels) -> bool:
     g = torch.Generator().manual_seed(0)
     for n, k in ((64, 16), (100, 48), (7, 33)):
         w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
@@ -183,9 +244,47 @@ def _self_check(fn: Callable) -> bool:
         for m in (1, 5, 9):
             x = torch.randn(m, k, generator=g)
             ref = (x.double() @ w.double().t() + b.double()).float()
-            if not torch.allclose(_gemm(fn, x, wp, n, b), ref, rtol=1e-4, atol=1e-4):
+            if not torch.allclose(_gemm(ks.gemm, x, wp, n, b), ref, rtol=1e-4, atol=1e-4):
                 return False
-    return True
+    x, w = torch.randn(3, 40, generator=g), torch.randn(40, generator=g)
+    ref = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    if not torch.allclose(_rms_norm_k(ks, x, w, 1e-5), ref, rtol=1e-5, atol=1e-6):
+        return False
+    n, hq, hkv, d = 3, 4, 2, 8
+    qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g)
+    cos, sin = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    kc, vc = torch.zeros(hkv, 6, d), torch.zeros(hkv, 6, d)
+    qo = _rope_kv_k(ks, qkv, hq, hkv, d, cos, sin, kc, vc, 2)
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    return (torch.equal(qo, rotate(q.reshape(n, hq, d).transpose(0, 1), cos, sin))
+            and torch.equal(kc[:, 2:5], rotate(k.reshape(n, hkv, d).transpose(0, 1), cos, sin))
+            and torch.equal(vc[:, 2:5], v.reshape(n, hkv, d).transpose(0, 1)))
+
+
+def _rms_norm_k(ks: _Kernels, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    y = torch.empty_like(x)
+    ks.rms_norm(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)
+    return y
+
+
+def _rope_kv_k(ks: _Kernels, qkv: torch.Tensor, hq: int, hkv: int, d: int, cos: torch.Tensor,
+               sin: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, start: int,
+               k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> torch.Tensor:
+    """qkv [n, (hq + 2 hkv) d] (or q [n, hq d] with k, v [n, hkv d]), all row-contiguous ->
+    rotated q [hq, n, d]; rotated k and v written to rows start.. of kc, vc [hkv, cap, d]."""
+    n = qkv.shape[0]
+    qo = qkv.new_empty(hq, n, d)
+    es = qkv.element_size()
+    if k is None:
+        st = qkv.stride(0)
+        qp = qkv.data_ptr()
+        kp, kst, vp, vst = qp + hq * d * es, st, qp + (hq + hkv) * d * es, st
+    else:
+        st, qp = qkv.stride(0), qkv.data_ptr()
+        kp, kst, vp, vst = k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0)
+    ks.rope_kv(qp, st, kp, kst, vp, vst, n, hq, hkv, d, cos.data_ptr(), sin.data_ptr(),
+               qo.data_ptr(), kc.data_ptr(), vc.data_ptr(), kc.shape[1], start)
+    return qo
 
 
 class PackedLinear:
@@ -399,9 +498,12 @@ class LeanLM:
             g, u = lay.gate_up[0](h), lay.gate_up[1](h)
         return lay.down(self.act(g) * u)
 
-    def _layers(self, ids: torch.Tensor, start: int, kv: Callable, pos: int | None = None) -> torch.Tensor:
+    def _layers(self, ids: torch.Tensor, start: int, kv: Callable, pos: int | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         """The decoder stack over ids [n] at positions start..; kv(layer, k, v) -> every key and
-        value the new queries attend to ([H_kv, start+n, D]). Returns the final-norm states."""
+        value the new queries attend to ([H_kv, start+n, D]). Returns the final-norm states.
+        cache (kv is its write, no grad, fp32, kernels compiled): RMSNorm and RoPE + the cache
+        write run as one compiled call each (the same math; ~10 torch ops fewer per layer)."""
         n = ids.numel()
         # training form with tied embeddings: a sparse embedding grad (a few rows) joins the
         # lm_head's dense one, instead of a dense [V, H] zero tensor + add per step
@@ -411,17 +513,33 @@ class LeanLM:
         # query i (position start+i) sees keys 0..start+i
         mask = None if n == 1 else torch.ones(n, start + n, dtype=torch.bool,
                                                device=ids.device).tril(diagonal=start)
+        ks_ = kernels() if (cache is not None and x.dtype == torch.float32 and x.device.type == "cpu"
+                            and not torch.is_grad_enabled()) else None
+        if ks_ is not None:
+            cos, sin = cos.contiguous(), sin.contiguous()
+            norm = lambda t, w: _rms_norm_k(ks_, t, w, self.eps)  # noqa: E731
+        else:
+            norm = lambda t, w: rms_norm(t, w, self.eps)  # noqa: E731
+        hq, hkv, d = self.n_heads, self.n_kv, self.head_dim
         for li, lay in enumerate(self.layers):
-            h = rms_norm(x, lay.in_norm, self.eps)
-            q, k, v = self._qkv(lay, h)
-            q = rotate(q.view(n, self.n_heads, self.head_dim).transpose(0, 1), cos, sin)
-            k = rotate(k.view(n, self.n_kv, self.head_dim).transpose(0, 1), cos, sin)
-            ks, vs = kv(li, k, v.view(n, self.n_kv, self.head_dim).transpose(0, 1))
+            h = norm(x, lay.in_norm)
+            if ks_ is not None:
+                if len(lay.qkv) == 1:
+                    q = _rope_kv_k(ks_, lay.qkv[0](h), hq, hkv, d, cos, sin, cache.k[li], cache.v[li], start)
+                else:
+                    q, k, v = (f(h).contiguous() for f in lay.qkv)
+                    q = _rope_kv_k(ks_, q, hq, hkv, d, cos, sin, cache.k[li], cache.v[li], start, k, v)
+                ks, vs = cache.k[li][:, :start + n], cache.v[li][:, :start + n]
+            else:
+                q, k, v = self._qkv(lay, h)
+                q = rotate(q.view(n, hq, d).transpose(0, 1), cos, sin)
+                k = rotate(k.view(n, hkv, d).transpose(0, 1), cos, sin)
+                ks, vs = kv(li, k, v.view(n, hkv, d).transpose(0, 1))
             att = F.scaled_dot_product_attention(q[None], ks[None], vs[None], attn_mask=mask,
-                                                 scale=self.scale, enable_gqa=self.n_kv != self.n_heads)
+                                                 scale=self.scale, enable_gqa=hkv != hq)
             x = x + lay.o(att[0].transpose(0, 1).reshape(n, -1))
-            x = x + self._mlp(lay, rms_norm(x, lay.post_norm, self.eps))
-        return rms_norm(x, self.norm.weight, self.eps)
+            x = x + self._mlp(lay, norm(x, lay.post_norm))
+        return norm(x, self.norm.weight)
 
     def forward(self, ids: torch.Tensor, cache: KVCache, keep: int = 1, need_hidden: bool = False,
                 pos: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -430,7 +548,7 @@ class LeanLM:
         states [n, H] when need_hidden). Appends n positions to the cache."""
         n, start = ids.numel(), cache.length
         cache.reserve(start + n)
-        hidden = self._layers(ids, start, cache.write, pos)
+        hidden = self._layers(ids, start, cache.write, pos, cache=cache)
         cache.length = start + n
         return self.lm_head(hidden[-keep:]), (hidden if need_hidden else None)
 
