@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from onlinespec_core.metrics import Metrics
+from onlinespec_core.updaters.base import UpdaterSnapshot
+
 ROLL = 32  # rounds in the rolling windows (tau, loss, tokens/s)
-ORIGINS = ("draft", "correction", "bonus", "target")  # accepted draft | rejection fix | bonus | target-only
 
 
 @dataclass
@@ -25,14 +27,6 @@ class UiEvent:
     kind: str
     cfg: int = 0
     data: dict[str, Any] = field(default_factory=dict)
-
-
-def origins(accepted: int, kind: str, n: int) -> list[str]:
-    """Origin of each emitted token of a round: accepted draft tokens, then the target's token."""
-    if kind == "target":
-        return ["target"] * n
-    last = "bonus" if kind == "bonus" else "correction"
-    return ["draft" if i < accepted else last for i in range(n)]
 
 
 class Growable:
@@ -68,19 +62,13 @@ class Series:
     weights: list[list[float]] = field(default_factory=list)  # ensemble weights per round
     weights_x: list[int] = field(default_factory=list)
     step_sizes: list[float] = field(default_factory=list)
-    pos_drafted: list[int] = field(default_factory=list)
-    pos_accepted: list[int] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)  # one per round (CSV)
-    tokens: int = 0
-    rounds: int = 0
-    accepted: int = 0
-    wall_s: float = 0.0
+    m: Metrics = field(default_factory=lambda: Metrics(window=ROLL))  # totals, per-position acceptance
     updater: str = ""
     switched_to: str = ""  # the updater a live switch put in place ("" = none)
     per_prompt: dict[int, list[float]] = field(default_factory=dict)  # prompt -> [tokens, wall_s]
     last_prompt: int = -1
     replayed: bool = False  # compare mode: replays the target's recorded pass (speed not real)
-    _taus: deque = field(default_factory=lambda: deque(maxlen=ROLL))
     _losses: deque = field(default_factory=lambda: deque(maxlen=ROLL))
     _speed: deque = field(default_factory=lambda: deque(maxlen=ROLL))
 
@@ -90,23 +78,33 @@ class Series:
         return f"{self.name} \u2192 {self.switched_to}" if self.switched_to else self.name
 
     @property
+    def tokens(self) -> int:
+        return self.m.tokens
+
+    @property
+    def rounds(self) -> int:
+        return self.m.rounds
+
+    @property
+    def wall_s(self) -> float:
+        return self.m.wall_s
+
+    @property
     def mean_tau(self) -> float:
-        return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
+        return self.m.tau
 
     @property
     def tokens_per_s(self) -> float:
-        return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
+        return self.m.tokens_per_s
 
     @property
     def per_position(self) -> list[float]:
-        return [a / d if d else 0.0 for a, d in zip(self.pos_accepted, self.pos_drafted)]
+        return self.m.per_position_acceptance
 
     def add(self, d: dict[str, Any]) -> None:
-        n = len(d["emitted"])
-        self.tokens += n
-        self.rounds += 1
-        self.accepted += d["accepted"]
-        self.wall_s += d["wall_s"]
+        n, k = len(d["emitted"]), d["k"]
+        self.m.count(k, d["accepted"], n, d["wall_s"], update_s=d.get("update_s", 0.0),
+                     updated=bool(d.get("updated")))
         p = d.get("prompt_index")
         if p is not None:
             acc = self.per_prompt.setdefault(p, [0, 0.0])
@@ -114,29 +112,21 @@ class Series:
             acc[1] += d["wall_s"]
             self.last_prompt = p
         self.updater = d.get("updater", self.updater)
-        k = d["k"]
-        while len(self.pos_drafted) < k:
-            self.pos_drafted.append(0)
-            self.pos_accepted.append(0)
-        for i in range(k):
-            self.pos_drafted[i] += 1
-            self.pos_accepted[i] += int(i < d["accepted"])
-        self._taus.append(d["accepted"] + 1)
         loss = d.get("loss")
         if loss is not None and math.isfinite(loss):
             self._losses.append(loss)
         self._speed.append((n, d["wall_s"]))
         wall = sum(w for _, w in self._speed)
         self.x.append(self.tokens)
-        self.tau.append(sum(self._taus) / len(self._taus))
+        self.tau.append(self.m.rolling_tau)
         self.loss.append(sum(self._losses) / len(self._losses) if self._losses else math.nan)
         self.tok_s.append(sum(t for t, _ in self._speed) / wall if wall > 0 else math.nan)
-        w, lrs = ensemble_stats(d.get("stats") or {})
-        if w:
-            self.weights.append(w)
+        snap: UpdaterSnapshot | None = d.get("updater_state")
+        if snap is not None and snap.weights:
+            self.weights.append(list(snap.weights))
             self.weights_x.append(self.tokens)
-            if lrs:
-                self.step_sizes = lrs
+            if snap.step_sizes:
+                self.step_sizes = list(snap.step_sizes)
         self.rows.append({
             "config": self.name, "round": d["round"], "prompt_index": d.get("prompt_index"),
             "topic": d.get("topic"), "updater": self.updater, "k": k, "accepted": d["accepted"],
@@ -145,18 +135,6 @@ class Series:
             "update_s": d.get("update_s", 0.0), "updated": d.get("updated", False),
             "rolling_tokens_per_s": _finite(float(self.tok_s[-1])),
         })
-
-
-def ensemble_stats(stats: dict[str, Any]) -> tuple[list[float], list[float]]:
-    """Expert weights and step sizes from an updater's stats(), whatever it calls them."""
-    w = next((stats[k] for k in ("weights", "hedge_weights", "expert_weights") if k in stats), None)
-    s = next((stats[k] for k in ("step_sizes", "lrs", "etas") if k in stats), None)
-    try:
-        w = [float(v) for v in w] if w is not None else []
-        s = [float(v) for v in s] if s is not None else []
-    except (TypeError, ValueError):
-        return [], []
-    return w, s
 
 
 @dataclass

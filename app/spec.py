@@ -1,17 +1,19 @@
 """What a run is made of (Qt-free): the pair, the engine config, the stream, compare configs."""
 from __future__ import annotations
 
-import ast
 import dataclasses
-import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
 from onlinespec_core.compare import CompareConfig
 from onlinespec_core.errors import OnlineSpecError
+from onlinespec_core.options import (DecodeSettings, expected_type, field_defaults, format_options,
+                                     parse_options)
 from onlinespec_core.streams import StreamItem, bundled_streams, from_text, load_stream
-from onlinespec_core.updaters import REGISTRY
-from onlinespec_core.updaters.gradient import expected_type
+from onlinespec_core.updaters import REGISTRY, updater_class
+
+__all__ = ["PairSpec", "StreamSpec", "RunSpec", "default_stream", "parse_options", "format_options",
+           "updater_fields", "check_updater"]
 
 FALLBACK_PROMPTS = ("def add(a, b):\nSELECT name FROM users WHERE\n"
                     "Tom has 3 apples and buys 4 more. How many apples")
@@ -58,18 +60,13 @@ class StreamSpec:
         return load_stream(self.value if self.value in names else default_stream())
 
 
-@dataclass
-class RunSpec:
+@dataclass(kw_only=True)
+class RunSpec(DecodeSettings):
     pair: PairSpec = field(default_factory=PairSpec)
     stream: StreamSpec = field(default_factory=StreamSpec)
     updater: str = "frozen"
     updater_options: dict[str, Any] = field(default_factory=dict)
-    k: int = 4
     dynamic_k: bool = False
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
     max_new_tokens: int = 64
     compare: list[CompareConfig] = field(default_factory=list)  # empty = a single run
     share_target: bool = True
@@ -85,57 +82,15 @@ def default_stream() -> str:
     return names[0] if names else ""
 
 
-def parse_options(text: str) -> dict[str, Any]:
-    """'lr=1e-3, hedge=discounted, lrs=[1e-4, 2e-4]' -> dict (values as Python literals)."""
-    out: dict[str, Any] = {}
-    text = text.strip()
-    if not text:
-        return out
-    parts, depth, cur = [], 0, ""
-    for ch in text:  # split on commas outside brackets
-        depth += ch in "[(" and 1 or (-1 if ch in "])" else 0)
-        if ch == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    parts.append(cur)
-    for p in (p.strip() for p in parts):
-        if not p:
-            continue
-        if "=" not in p:
-            raise OnlineSpecError(f"updater option {p!r} is not key=value; write e.g. 'lr=1e-3, every=4'")
-        key, val = (s.strip() for s in p.split("=", 1))
-        try:
-            out[key] = ast.literal_eval(val)
-        except (ValueError, SyntaxError):
-            out[key] = val  # bare words: strings (hedge=discounted)
-    return out
-
-
-def format_options(options: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v!r}" if not isinstance(v, str) else f"{k}={v}" for k, v in options.items())
-
-
 def updater_fields(name: str) -> dict[str, Any]:
     """The updater's option fields with their defaults (from its Config dataclass), if any."""
     if name not in REGISTRY:
         return {}
-    module, cls = REGISTRY[name].split(":")
     try:
-        klass = getattr(importlib.import_module(f"onlinespec_core.updaters.{module}"), cls)
-    except Exception:
+        cfg = getattr(updater_class(name), "Config", None)
+    except Exception:  # noqa: BLE001 -- a broken member: no fields to offer
         return {}
-    cfg = getattr(klass, "Config", None)
-    if cfg is None or not dataclasses.is_dataclass(cfg):
-        return {}
-    out = {}
-    for f in dataclasses.fields(cfg):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            out[f.name] = f.default_factory()  # type: ignore[misc]
-    return out
+    return field_defaults(cfg) if cfg is not None and dataclasses.is_dataclass(cfg) else {}
 
 
 def check_updater(name: str, options: dict[str, Any]) -> None:

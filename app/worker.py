@@ -1,8 +1,9 @@
-"""EngineWorker: runs the engine in its own QThread; requests in, batched events out.
+"""EngineWorker: the thread adapter between the UI and the run driver (superqt's shape).
 
-The UI never waits on the engine: controls are thread-safe calls (the engine's own stop /
-shift_topic / set_updater, and flags read between rounds); anything that must touch engine
-state (save/load) is queued and run by the worker between rounds or when idle.
+A QObject with no parent, moved to a QThread. Requests go in as thread-safe calls: run
+control (pause / step / stop / shift_topic) on the driver's RunControl, updater switches on
+the engine, and anything that must touch engine state (save/load) queued and run by the
+worker between rounds, while paused, or when idle. Events come out as batched signals.
 """
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ import torch
 from PySide6.QtCore import QObject, Qt, Signal, Slot
 
 import onlinespec_core as osc
-from onlinespec_core.compare import CompareConfig, CompareRunner
+from onlinespec_core.compare import CompareRunner
+from onlinespec_core.driver import Driver, RunControl
 from onlinespec_core.errors import OnlineSpecError
+from onlinespec_core.options import to_jsonable
 
 from .records import UiEvent
 from .spec import PairSpec, RunSpec
@@ -57,13 +60,12 @@ class EngineWorker(QObject):
         self.pair_key: PairSpec | None = None
         self.initial_draft: dict[str, torch.Tensor] | None = None
         self.engine: osc.Engine | None = None  # config 0's engine (save/load/switch)
-        self.runner: Any = None  # Engine (single) or CompareRunner
         self.engines: list[osc.Engine] = []
+        self.control = RunControl()  # the run's pause / step / stop / shift, read between rounds
+        self.control.idle = self._drain  # queued calls (save ...) still run while paused
         self.loaded_state = False  # next Start continues the loaded state
         self.running = False
         self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._paused = threading.Event()
-        self._steps = 0
         self._stopping = False
         self._pending: list[UiEvent] = []
         self._last_flush = 0.0
@@ -77,34 +79,32 @@ class EngineWorker(QObject):
     # ---- thread-safe requests (any thread) ---------------------------------------------
     def start(self, spec: RunSpec) -> None:
         self._stopping = False
-        self._paused.clear()
-        self._steps = 0
+        self.control.clear()
         self._start.emit(spec)
 
     def pause(self) -> None:
-        self._paused.set()
+        self.control.pause()
 
     def resume(self) -> None:
-        self._paused.clear()
+        self.control.resume()
 
     def step(self) -> None:
-        self._steps += 1
+        self.control.step()
 
     @property
     def paused(self) -> bool:
-        return self._paused.is_set()
+        return self.control.paused
 
     def stop(self) -> None:
         self._stopping = True
-        self._paused.clear()
-        r = self.runner
-        if r is not None:
-            r.stop()
+        self.control.resume()
+        self.control.stop()
+        base = self._base_engine
+        if base is not None:
+            base.stop()  # a target-only baseline sample runs under its own control
 
     def shift_topic(self) -> None:
-        r = self.runner
-        if r is not None:
-            r.shift_topic()
+        self.control.shift_topic()
 
     def set_updater(self, name: str, options: dict[str, Any]) -> None:
         """Switch config 0's updater at the next round (raises OnlineSpecError on bad input)."""
@@ -159,7 +159,7 @@ class EngineWorker(QObject):
         pair = self._ensure_pair(spec.pair)
         eng = osc.Engine(pair, k=spec.k, updater=spec.updater, updater_options=spec.updater_options)
         eng.load_state(path)
-        self.engine, self.engines, self.runner = eng, [eng], eng
+        self.engine, self.engines = eng, [eng]
         self.loaded_state = True
         self.message.emit(f"loaded state from {path} (round {eng.round_index}, updater "
                           f"{eng.updater_name}); Start continues it")
@@ -227,10 +227,11 @@ class EngineWorker(QObject):
             pair.draft.module.load_state_dict(self.initial_draft)
             pair.draft.invalidate()
         sampling = dict(temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p, seed=spec.seed)
+        compare = None
         if spec.compare:
-            runner = CompareRunner(pair, spec.compare, share_target=spec.share_target, **sampling)
-            self.engines, names = runner.engines, [c.name for c in spec.compare]
-            events = runner.run(items, spec.max_new_tokens)
+            compare = CompareRunner(pair, spec.compare, share_target=spec.share_target,
+                                    control=self.control, **sampling)
+            self.engines, names = compare.engines, [c.name for c in spec.compare]
         else:
             if self.loaded_state and self.engine is not None:
                 eng = self.engine  # continue a loaded state with its own config
@@ -240,9 +241,9 @@ class EngineWorker(QObject):
                 eng = osc.Engine(pair, k=spec.k, updater=spec.updater, updater_options=spec.updater_options,
                                  dynamic_k=spec.dynamic_k, **sampling)
             self.loaded_state = False
-            runner, self.engines, names = eng, [eng], [eng.updater_name]
-            events = ((0, ev) for ev in eng.run_stream(items, spec.max_new_tokens))
-        self.runner, self.engine = runner, self.engines[0]
+            self.engines, names = [eng], [eng.updater_name]
+        self.engine = self.engines[0]
+        events = Driver(self.engines, self.control).run(items, spec.max_new_tokens)
         shared = bool(spec.compare) and spec.share_target and spec.temperature == 0.0
         self._emit([UiEvent("run", -1, {"names": names, "n_prompts": len(items),
                                         "greedy": spec.temperature == 0.0, "shared": shared})])
@@ -251,13 +252,14 @@ class EngineWorker(QObject):
         if baseline:
             self._baseline(pair, items[0], spec, 0, warm=True)
         if self._stopping:
-            runner.stop()
             return
         self.state.emit("running")
         for ci, ev in events:
             self._push(self._convert(ci, ev), urgent=ev.kind not in ("round", "start", "done"))
             if ev.kind == "round":
-                self._between_rounds()
+                self._drain()  # queued calls, between rounds
+            elif ev.kind in ("paused", "resumed"):
+                self.state.emit("paused" if ev.kind == "paused" else "running")
             elif ev.kind == "done" and ci == 0:
                 done += 1
                 p = ev.data.get("prompt_index")
@@ -266,9 +268,9 @@ class EngineWorker(QObject):
                     self._flush()
                     self._baseline(pair, items[p], spec, p)  # the prompt just run, under the same load
             if self._stopping:
-                runner.stop()
-        if spec.compare and runner.shared is not None:
-            self._push(UiEvent("share", -1, runner.shared.stats.as_dict()))
+                self.control.stop()
+        if compare is not None and compare.shared is not None:
+            self._push(UiEvent("share", -1, compare.shared.stats.as_dict()))
 
     def _baseline(self, pair: osc.ModelPair, item: Any, spec: RunSpec, prompt_index: int,
                   warm: bool = False) -> None:
@@ -281,13 +283,9 @@ class EngineWorker(QObject):
         if eng is None:
             eng = self._base_engine = osc.Engine(pair, k=1, temperature=spec.temperature, top_k=spec.top_k,
                                                  top_p=spec.top_p, seed=spec.seed)
-        runner, self.runner = self.runner, eng  # Stop reaches the baseline while it runs
-        try:
-            if warm:  # kernels, allocator: the first forwards of a process are slow
-                eng.generate_target_only(item.prompt, min(8, spec.max_new_tokens))
-            out = eng.generate_target_only(item.prompt, spec.max_new_tokens)
-        finally:
-            self.runner = runner
+        if warm:  # kernels, allocator: the first forwards of a process are slow
+            eng.generate_target_only(item.prompt, min(8, spec.max_new_tokens))
+        out = eng.generate_target_only(item.prompt, spec.max_new_tokens)  # stop() reaches it
         tps = out.stats.get("tokens_per_s", 0.0)
         if not tps or not math.isfinite(tps) or self._stopping:
             return
@@ -301,42 +299,19 @@ class EngineWorker(QObject):
         self.message.emit(f"target-only baseline: {med:.1f} tokens/s (median of {len(v)}, "
                           f"{v[0]:.1f}\u2013{v[-1]:.1f})")
 
-    def _between_rounds(self) -> None:
-        """Queued calls run here; a pause holds here (the engine is between rounds)."""
-        self._drain()
-        if not self._paused.is_set() or self._stopping:
-            return
-        if self._steps > 0:
-            self._steps -= 1
-            return
-        self._flush()
-        self.state.emit("paused")
-        while self._paused.is_set() and not self._stopping and self._steps == 0:
-            time.sleep(0.02)
-            self._drain()
-        if self._steps > 0 and self._paused.is_set():
-            self._steps -= 1
-        elif not self._stopping:
-            self.state.emit("running")
-
     def _convert(self, ci: int, ev: osc.Event) -> UiEvent:
         if ev.kind != "round":
             data = {k: v for k, v in ev.data.items() if k not in ("token_ids",)}
             return UiEvent(ev.kind, ci, data)
-        r = ev.round
-        eng = self.engines[ci]
-        try:
-            stats = _jsonable(eng.updater.stats())
-        except Exception:  # an updater's stats must never stop the run
-            stats = {}
+        r, snap = ev.round, ev.updater
         return UiEvent("round", ci, {
-            "round": r.index, "k": r.k, "accepted": r.accepted, "kind": r.kind,
+            "round": r.index, "k": r.k, "accepted": r.accepted, "kind": r.kind, "origins": r.origins,
             "emitted": list(r.emitted), "texts": [self._text(t) for t in r.emitted],
             "drafted": list(r.drafted), "drafted_texts": [self._text(t) for t in r.drafted],
             "draft_p": list(r.draft_p), "target_p": list(r.target_p),
             "topic": r.topic, "prompt_index": r.prompt_index, "wall_s": r.wall_s,
-            "update_s": r.update_s, "updated": r.updated, "loss": r.loss,
-            "updater": ev.data.get("updater", eng.updater_name), "stats": stats,
+            "update_s": r.update_s, "updated": r.updated, "loss": to_jsonable(r.loss),
+            "updater": snap.name, "updater_state": snap,
         })
 
 
@@ -350,15 +325,3 @@ def _lower_priority() -> None:
                 os.setpriority(os.PRIO_PROCESS, tid, nice)
         except OSError:
             pass
-
-
-def _jsonable(o: Any) -> Any:
-    if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
-    if isinstance(o, torch.Tensor):
-        return o.detach().cpu().tolist()
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    return o

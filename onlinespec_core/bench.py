@@ -40,8 +40,8 @@ import torch
 
 from .errors import require
 from .sampling import SamplingConfig
-from .runner import (add_pair_args, load_items, load_pair_from_args, machine_info, parse_options,
-                     parse_value)
+from .options import DecodeSettings, parse_options, parse_scoped_options
+from .runner import add_pair_args, load_items, load_pair_from_args, machine_info
 
 COST_K = "+cost_k"  # method suffix: the updater with EngineConfig.cost_k
 AR, HF, HF_AR = "target_ar", "hf_assisted", "hf_target_only"
@@ -53,20 +53,16 @@ DEFAULTS = {"limit": 2, "max_new_tokens": 64, "reps": 2, "warmup_tokens": 16}  #
 
 
 @dataclass
-class BenchConfig:
-    k: int = 4
+class BenchConfig(DecodeSettings):
     max_new_tokens: int = 64
     reps: int = 3
     warmup_tokens: int = 16
-    seed: int = 0
     methods: list[str] | None = None  # None: target_ar, hf_assisted, then every registered updater
     updater_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     engine_options: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields, every engine run
     cost_tokens: int = 48  # decode steps per cost measurement (c)
     bookkeeping_prompts: int = 4  # prompts for the target-as-its-own-draft overhead run (0: skip)
-    progress: bool = True
-    temperature: float = 0.0  # 0 = greedy; > 0: sampling for every method (engine and HF)
-    top_p: float = 1.0
+    progress: bool = True  # (DecodeSettings: temperature 0 = greedy; > 0: every method samples)
     ngram_options: dict[str, Any] = field(default_factory=dict)  # NgramDraft options for 'ngram'
     desc: str = ""  # progress bar label
 
@@ -583,18 +579,6 @@ def sampling_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def parse_scoped_options(pairs: list[str] | None) -> dict[str, dict[str, Any]]:
-    """'ensemble:lrs=[1e-4,2e-4]' -> {"ensemble": {"lrs": [...]}}."""
-    out: dict[str, dict[str, Any]] = {}
-    for p in pairs or []:
-        head, sep, value = p.partition("=")
-        name, colon, key = head.partition(":")
-        require(bool(sep and colon and name and key),
-                f"--updater-option {p!r} must look like UPDATER:key=value (e.g. ogd:lr=1e-3)")
-        out.setdefault(name.strip(), {})[key.strip()] = parse_value(value)
-    return out
-
-
 def build_argparser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="onlinespec bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -645,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     for t in [args.temperature, *temps]:
         SamplingConfig(t, 0, args.top_p)  # validates
     require(all(t > 0 for t in temps), "--sampling-temperatures must all be > 0 (the main run is the greedy one)")
-    nopts = parse_options(args.ngram_option)
+    nopts = parse_options(args.ngram_option, "--ngram-option")
     if nopts:
         from .drafts.ngram import make_ngram_draft
         make_ngram_draft(2, **nopts)  # bad options fail before the models load
@@ -658,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, o in opts.items():
         check_methods([name])
         make_updater(name, **o)  # bad options fail before the models load
-    eopts = parse_options(args.engine_option)
+    eopts = parse_options(args.engine_option, "--engine-option")
     from .engine import EngineConfig
     fields = [f.name for f in dataclasses.fields(EngineConfig) if f.name not in ("k", "seed")]
     for key in eopts:

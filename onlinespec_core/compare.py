@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .decoding import DecodeState, Verification, verify
-from .engine import Engine, Event, _topic_prompt
+from .driver import Driver, Event, RunControl
+from .engine import Engine
 from .errors import require
 from .models import ModelPair
 from .sampling import SamplingConfig, logits_to_probs
@@ -163,18 +164,9 @@ def clone_draft(draft: Any, target: torch.nn.Module) -> Any:
 
 
 def needs_offpath_rows(engine: Engine) -> bool:
-    """Does this engine's updater read target rows past the first rejection? (Those rows are
-    conditioned on rejected draft tokens, so only a real forward has them.) An updater may say
-    so itself (needs_feedback); frozen reads none; distillation on positions="path" (accepted +
-    first rejected) reads only greedy-path rows; feature drafts keep every hidden row: exact."""
-    u = engine.updater
-    if hasattr(u, "needs_feedback"):
-        return bool(u.needs_feedback)
-    if engine.updater_name == "frozen":
-        return False
-    if engine.draft is not None and engine.draft.needs_hidden:
-        return True
-    return getattr(getattr(u, "cfg", None), "positions", "all") != "path"
+    """Does this engine's updater read target rows past the first rejection (declared by the
+    updater: Updater.reads_offpath_rows)? Then only a real target forward will do."""
+    return engine.updater.reads_offpath_rows(engine.draft)
 
 
 class CompareRunner:
@@ -182,7 +174,7 @@ class CompareRunner:
 
     def __init__(self, pair: ModelPair, configs: list[CompareConfig], temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, share_target: bool = True,
-                 **engine_config: Any) -> None:
+                 control: RunControl | None = None, **engine_config: Any) -> None:
         require(1 <= len(configs) <= MAX_CONFIGS,
                 f"compare mode takes 1 to {MAX_CONFIGS} configurations; got {len(configs)}")
         require(pair.draft is not None, "compare mode needs a pair with a draft")
@@ -198,51 +190,32 @@ class CompareRunner:
             if self.shared:
                 self.shared.exact_of[i] = lambda e=eng: needs_offpath_rows(e)
             self.engines.append(eng)
-        self.active = 0
-        self._stop = self._shift = False
+        self.driver = Driver(self.engines, control)
 
-    # controls: thread-safe, like the engine's own
+    @property
+    def control(self) -> RunControl:
+        return self.driver.control
+
+    @property
+    def active(self) -> int:
+        return self.driver.active
+
+    # controls: thread-safe; a shift waits for the prompt's end (every config sees the same prompts)
     def pause(self) -> None:
-        for e in self.engines:
-            e.pause()
+        self.control.pause()
 
     def resume(self) -> None:
-        for e in self.engines:
-            e.resume()
+        self.control.resume()
 
     def step(self) -> None:
-        self.engines[self.active].step()
+        self.control.step()
 
     def stop(self) -> None:
-        self._stop = True
-        for e in self.engines:
-            e.stop()
+        self.control.stop()
 
     def shift_topic(self) -> None:
-        """After the current prompt (every configuration sees the same prompts), jump topics."""
-        self._shift = True
+        self.control.shift_topic()
 
     def run(self, prompts: Any, max_new_tokens: int = 64) -> Iterator[tuple[int, Event]]:
         """Yield (config index, event); config index -1 for stream-level (topic) events."""
-        items = list(prompts)
-        i = 0
-        self._stop = self._shift = False
-        while i < len(items) and not self._stop:
-            topic, prompt = _topic_prompt(items[i])
-            yield -1, Event("topic", data={"topic": topic, "prompt_index": i, "n_prompts": len(items)})
-            for ci, eng in enumerate(self.engines):
-                if self._stop:
-                    break
-                self.active = ci
-                for ev in eng.stream(prompt, max_new_tokens, topic=topic, prompt_index=i):
-                    yield ci, ev
-            if self._shift and not self._stop:
-                self._shift = False
-                j = i + 1
-                while j < len(items) and _topic_prompt(items[j])[0] == topic:
-                    j += 1
-                yield -1, Event("topic", data={"shifted": True, "from": topic,
-                                               "to": _topic_prompt(items[j])[0] if j < len(items) else None})
-                i = j
-            else:
-                i += 1
+        return self.driver.run(prompts, max_new_tokens)

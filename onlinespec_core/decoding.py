@@ -106,8 +106,10 @@ def accept_sampling(drafted: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
 def run_round(target: PreTrainedModel, draft: Draft | None, state: DecodeState, k: int,
               cfg: SamplingConfig, generator: torch.Generator | None, index: int,
               eos_ids: set[int], budget: int, feedback_window: int = 256,
-              verify_fn: Callable[..., Verification] | None = None) -> Round:
-    """Propose, verify, accept; append the emitted tokens to state.seq and crop both caches."""
+              verify_fn: Callable[..., Verification] | None = None, topic: str | None = None,
+              prompt_index: int | None = None) -> Round:
+    """Propose, verify, accept; append the emitted tokens to state.seq and crop both caches.
+    The Round holds the decode part; the engine adds what the updater did (updated, loss)."""
     device = state.seq.device
     L = state.seq.numel()
     k = max(0, min(k, budget - 1)) if draft is not None else 0  # never draft past max_new_tokens
@@ -152,7 +154,7 @@ def run_round(target: PreTrainedModel, draft: Draft | None, state: DecodeState, 
         target_hidden=ver.hidden,
         draft_p=prop.probs.gather(1, prop.tokens[:, None])[:, 0].tolist() if k else [],
         target_p=ver.probs[pos, ids].tolist(),
-        draft_s=t1 - t0, verify_s=t2 - t1,
+        topic=topic, prompt_index=prompt_index, draft_s=t1 - t0, verify_s=t2 - t1,
     )
     rnd.bookkeeping_s = time.perf_counter() - t2
     return rnd

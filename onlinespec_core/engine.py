@@ -8,7 +8,7 @@ import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
@@ -16,7 +16,7 @@ import torch
 
 from . import state as state_fmt
 from .decoding import DecodeState, new_target_cache, run_round
-from .drafts.base import draft_state, load_draft_state
+from .driver import Driver, Event, RunControl
 from .errors import OnlineSpecError, require
 from .feedback import Round
 from .metrics import Metrics
@@ -80,15 +80,6 @@ def _is_int(v: Any) -> bool:
 
 
 @dataclass
-class Event:
-    """What the engine tells the outside world. kind: start | round | updater | config |
-    topic | paused | prompt_done | done | stopped."""
-    kind: str
-    round: Round | None = None
-    data: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
 class GenerateOutput:
     token_ids: list[int]
     text: str
@@ -125,11 +116,7 @@ class Engine:
         self._lock = threading.RLock()  # held while a request applies; guards _running/_runner
         self._running = False
         self._runner: int | None = None  # thread iterating the running stream
-        self._paused = threading.Event()
-        self._wake = threading.Event()
-        self._steps = 0
-        self._stop = False
-        self._shift = False
+        self.control = RunControl()  # pause/step/stop/shift; a Driver shares its own
 
     # ---- sampling / config -------------------------------------------------------------
     @property
@@ -152,7 +139,7 @@ class Engine:
         with self._lock:
             if self._running:
                 self._requests.put(fn)
-                self._wake.set()  # a paused stream drains too
+                self.control.wake()  # a paused stream drains too
                 return None
             return fn()
 
@@ -171,7 +158,7 @@ class Engine:
             queued = self._running and threading.get_ident() != self._runner
             if queued:
                 self._requests.put(job)
-                self._wake.set()
+                self.control.wake()
             else:
                 job()
         try:
@@ -235,46 +222,27 @@ class Engine:
                                           "round": self.round_index})
         self._request(apply)
 
+    # run control (thread-safe; read between rounds): see driver.RunControl
     def pause(self) -> None:
-        self._paused.set()
+        self.control.pause()
 
     def resume(self) -> None:
-        self._paused.clear()
-        self._wake.set()
+        self.control.resume()
 
     def step(self) -> None:
         """While paused: run exactly one more round."""
-        self._steps += 1
-        self._wake.set()
+        self.control.step()
 
     def stop(self) -> None:
-        self._stop = True
-        self._wake.set()
+        self.control.stop()
 
     def shift_topic(self) -> None:
         """In run_stream: end the current prompt and jump to the next topic's first prompt."""
-        self._shift = True
-        self._wake.set()
+        self.control.shift_topic()
 
     @property
     def paused(self) -> bool:
-        return self._paused.is_set()
-
-    def _wait_if_paused(self) -> Iterator[Event]:
-        if not self._paused.is_set() or self._stop:
-            return
-        if self._steps > 0:
-            self._steps -= 1
-            return
-        yield Event("paused", data={"round": self.round_index})
-        while self._paused.is_set() and not self._stop and self._steps == 0:
-            self._wake.wait(0.05)
-            self._wake.clear()
-            yield from self._drain_requests()  # save/load/switches while paused
-        if self._steps > 0 and self._paused.is_set():
-            self._steps -= 1
-        elif not self._stop:
-            yield Event("resumed", data={"round": self.round_index})
+        return self.control.paused
 
     # ---- decoding ----------------------------------------------------------------------
     def encode(self, prompt: str | list[int] | torch.Tensor) -> torch.Tensor:
@@ -343,8 +311,10 @@ class Engine:
 
     def stream(self, prompt: str | list[int] | torch.Tensor, max_new_tokens: int = 64,
                topic: str | None = None, prompt_index: int | None = None,
-               target_only: bool = False, _in_stream: bool = False) -> Iterator[Event]:
-        """Yield an event per round (plus config/updater/pause events) for one prompt."""
+               target_only: bool = False, in_run: bool = False,
+               cut_on_shift: bool = False) -> Iterator[Event]:
+        """Yield an event per round (plus config/updater/pause events) for one prompt. in_run:
+        a Driver runs it (its stop request stands; cut_on_shift: a topic shift ends it)."""
         require(_is_int(max_new_tokens) and max_new_tokens >= 1,
                 f"max_new_tokens must be a positive integer; got {max_new_tokens!r}")
         seq = self.encode(prompt)
@@ -355,8 +325,8 @@ class Engine:
         with self._lock:  # from here on requests queue (none can be mid-apply: they hold the lock)
             self._running = True
             self._runner = threading.get_ident()
-            if not _in_stream:
-                self._stop = False
+            if not in_run:
+                self.control.reset()
         metrics = Metrics()
         try:
             if draft is not None:
@@ -365,9 +335,10 @@ class Engine:
                                        "prompt_index": prompt_index, "target_only": target_only})
             for ev in self._drain_requests():
                 yield ev
+            ctl = self.control
             while True:
-                yield from self._wait_if_paused()
-                if self._stop or (_in_stream and self._shift):
+                yield from ctl.hold(self._drain_requests, self.round_index)
+                if ctl.stopping or (cut_on_shift and ctl.shifting):
                     break
                 budget = max_new_tokens - (state.seq.numel() - state.prompt_len)
                 k = self.config.k if draft is not None else 0
@@ -378,16 +349,17 @@ class Engine:
                     k = 0  # feature drafts need the target's hidden states: round 0 is the prefill
                 rnd = run_round(self.pair.target, draft, state, k, self.sampling, self.generator,
                                 self.round_index, eos, budget, self.config.feedback_window,
-                                self.verify_fn)
-                rnd.topic, rnd.prompt_index = topic, prompt_index
+                                self.verify_fn, topic=topic, prompt_index=prompt_index)
                 self.round_index += 1
                 if draft is not None and self.config.cost_k:
                     self._cost_k().observe(rnd, prefill)
                 if draft is not None and rnd.k > 0:
                     t0 = time.perf_counter()
-                    rnd.updated = bool(self.updater.observe(rnd))
-                    rnd.update_s = time.perf_counter() - t0
-                    if rnd.updated and self.config.refresh_draft_cache:
+                    upd = self.updater.observe(rnd)
+                    # the round record, assembled once: decode part + what the updater did
+                    rnd = replace(rnd, updated=upd.changed, loss=upd.loss,
+                                  update_s=time.perf_counter() - t0)
+                    if upd.changed and self.config.refresh_draft_cache:
                         draft.invalidate()
                     if self.config.dynamic_k:
                         step = 2 if rnd.accepted == rnd.k else -1
@@ -396,7 +368,7 @@ class Engine:
                     rnd.release()
                 metrics.add(rnd)
                 self.metrics.add(rnd)
-                yield Event("round", round=rnd, data={"updater": self.updater_name})
+                yield Event("round", round=rnd, updater=self.updater.snapshot())
                 for ev in self._drain_requests():
                     yield ev
                 done = budget - len(rnd.emitted) <= 0 or (rnd.emitted and rnd.emitted[-1] in eos)
@@ -408,10 +380,10 @@ class Engine:
                 tail = self._drain_requests()
         for ev in tail:
             yield ev
-        if draft is not None and hasattr(draft, "observe_sequence"):
+        if draft is not None:
             draft.observe_sequence(state.seq)  # drafts that index what they have seen (ngram)
         new = state.new_tokens
-        kind = "stopped" if self._stop else "done"
+        kind = "stopped" if self.control.stopping else "done"
         yield Event(kind, data={"token_ids": new, "stats": self._stats(metrics),
                                 "topic": topic, "prompt_index": prompt_index})
 
@@ -447,29 +419,10 @@ class Engine:
         return self.generate(prompt, max_new_tokens, target_only=True)
 
     def run_stream(self, prompts: Iterable[Any], max_new_tokens: int = 64) -> Iterator[Event]:
-        """Run a prompt stream (items with .topic/.prompt or (topic, prompt) or str); a
-        shift_topic() request skips the rest of the current topic."""
-        items = list(prompts)
-        i = 0
-        self._stop = self._shift = False
-        while i < len(items) and not self._stop:
-            item = items[i]
-            topic, prompt = _topic_prompt(item)
-            yield Event("topic", data={"topic": topic, "prompt_index": i, "n_prompts": len(items)})
-            for ev in self.stream(prompt, max_new_tokens, topic=topic, prompt_index=i, _in_stream=True):
-                yield ev
-            if self._stop:
-                break
-            if self._shift:
-                self._shift = False
-                j = i + 1
-                while j < len(items) and _topic_prompt(items[j])[0] == topic:
-                    j += 1
-                yield Event("topic", data={"shifted": True, "from": topic,
-                                           "to": _topic_prompt(items[j])[0] if j < len(items) else None})
-                i = j
-            else:
-                i += 1
+        """Run a prompt stream (items with .topic/.prompt or (topic, prompt) or str) through the
+        driver; a shift_topic() request skips the rest of the current topic."""
+        for _, ev in Driver([self], self.control).run(prompts, max_new_tokens):
+            yield ev
 
     # ---- state -------------------------------------------------------------------------
     def save_state(self, path: str | os.PathLike, timeout: float | None = 60.0) -> Path:
@@ -482,7 +435,7 @@ class Engine:
         draft = self.draft
         self.updater.detach()  # the deployed weights are in draft.module
         tensors = {f"updater.{k}": v for k, v in self.updater.state_tensors().items()}
-        tensors.update({f"draft.{k}": v for k, v in draft_state(draft).items()})
+        tensors.update({f"draft.{k}": v for k, v in draft.state_tensors().items()})
         tensors["rng"] = self.generator.get_state()
         meta = {
             "config": asdict(self.config), "round_index": self.round_index,
@@ -532,11 +485,11 @@ class Engine:
         backup = {k: v.detach().clone() for k, v in draft.module.state_dict().items()}
         utensors = {k[len("updater."):]: v.to(self.device) for k, v in tensors.items() if k.startswith("updater.")}
         dtensors = {k[len("draft."):]: v for k, v in tensors.items() if k.startswith("draft.")}
-        before = draft_state(draft)
+        before = draft.state_tensors()
         try:
             state_fmt.load_weights(draft.module, st.draft, where, fix)  # checks before writing
             if before:  # a kind that learns outside its weights: the saved state (empty if none)
-                load_draft_state(draft, dtensors or {k: v[:0] for k, v in before.items()})
+                draft.load_state_tensors(dtensors or {k: v[:0] for k, v in before.items()})
             updater.attach(draft)
             try:
                 updater.load_state(utensors, u["state"])
@@ -550,21 +503,11 @@ class Engine:
                 for k, v in draft.module.state_dict().items():
                     v.copy_(backup[k])
             if before:
-                load_draft_state(draft, before)
+                draft.load_state_tensors(before)
             draft.invalidate()
             raise
         self.config, self.round_index = cfg, meta["round_index"]
         self.updater, self.updater_name, self.updater_options = updater, u["name"], dict(u["options"])
         self.generator.set_state(rng.cpu())
         draft.invalidate()
-
-
-def _topic_prompt(item: Any) -> tuple[str | None, Any]:
-    if hasattr(item, "prompt"):
-        return getattr(item, "topic", None), item.prompt
-    if isinstance(item, dict):
-        return item.get("topic"), item["prompt"]
-    if isinstance(item, tuple):
-        return item[0], item[1]
-    return None, item
 

@@ -6,6 +6,17 @@ from dataclasses import dataclass, field
 import torch
 
 
+ORIGINS = ("draft", "correction", "bonus", "target")  # accepted draft | rejection fix | bonus | target-only
+
+
+def origins(accepted: int, kind: str, n: int) -> list[str]:
+    """Origin of each of a round's n emitted tokens: accepted draft tokens, then the target's."""
+    if kind == "target":
+        return ["target"] * n
+    last = "bonus" if kind == "bonus" else "correction"
+    return ["draft" if i < accepted else last for i in range(n)]
+
+
 @dataclass
 class Round:
     index: int  # round number within the engine's lifetime
@@ -35,6 +46,11 @@ class Round:
     def tau(self) -> int:
         """Acceptance length: tokens per target forward, counting the bonus/correction."""
         return self.accepted + 1
+
+    @property
+    def origins(self) -> list[str]:
+        """Where each emitted token came from (ORIGINS)."""
+        return origins(self.accepted, self.kind, len(self.emitted))
 
     @property
     def wall_s(self) -> float:

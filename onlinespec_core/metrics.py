@@ -37,22 +37,28 @@ class Metrics:
     recent: deque = field(default_factory=deque)
 
     def add(self, rnd: Round) -> None:
+        self.count(rnd.k, rnd.accepted, len(rnd.emitted), rnd.wall_s, rnd.draft_s, rnd.verify_s,
+                   rnd.update_s, rnd.updated)
+
+    def count(self, k: int, accepted: int, tokens: int, wall_s: float, draft_s: float = 0.0,
+              verify_s: float = 0.0, update_s: float = 0.0, updated: bool = False) -> None:
+        """One round's numbers (add() from a Round; the app from the worker's flat record)."""
         self.rounds += 1
-        self.tokens += len(rnd.emitted)
-        self.accepted += rnd.accepted
-        self.drafted += rnd.k
-        self.wall_s += rnd.wall_s
-        self.draft_s += rnd.draft_s
-        self.verify_s += rnd.verify_s
-        self.update_s += rnd.update_s
-        self.updates += int(rnd.updated)
-        while len(self.pos_drafted) < rnd.k:
+        self.tokens += tokens
+        self.accepted += accepted
+        self.drafted += k
+        self.wall_s += wall_s
+        self.draft_s += draft_s
+        self.verify_s += verify_s
+        self.update_s += update_s
+        self.updates += int(updated)
+        while len(self.pos_drafted) < k:
             self.pos_drafted.append(0)
             self.pos_accepted.append(0)
-        for i in range(rnd.k):
+        for i in range(k):
             self.pos_drafted[i] += 1
-            self.pos_accepted[i] += int(i < rnd.accepted)
-        self.recent.append(rnd.tau)
+            self.pos_accepted[i] += int(i < accepted)
+        self.recent.append(accepted + 1)
         if len(self.recent) > self.window:
             self.recent.popleft()
 

@@ -13,9 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from .drafts.base import Draft
 from .errors import OnlineSpecError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-ASSETS = Path(os.environ.get("ONLINESPEC_ASSETS", REPO_ROOT / "assets"))
-DEMO_DIR = ASSETS / "models" / "demo"
+from .paths import DEMO_DIR
 
 # draft kind -> "module:loader"; loader(target, path_or_None, tokenizer, device, dtype, **kw) -> Draft
 DRAFT_LOADERS: dict[str, str] = {
@@ -82,10 +80,6 @@ def check_source(source: str | os.PathLike, role: str) -> str:
     raise OnlineSpecError(
         f"{role} model path {s!r} does not exist; pass an existing model directory "
         f"(containing config.json and *.safetensors), a hub id when online, or 'demo' for the embedded pair")
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
 def load_causal_lm(source: str, role: str, device: str | torch.device = "cpu", dtype: Any = "float32",

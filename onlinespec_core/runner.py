@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import platform
 import time
@@ -18,33 +17,13 @@ from typing import Any, Iterator
 
 import torch
 
+from .driver import Driver
 from .errors import OnlineSpecError, require
 from .metrics import Metrics
-
-# keys under which an updater's stats() may expose Hedge/ensemble weights, and their labels
-WEIGHT_KEYS = ("weights", "hedge_weights", "expert_weights", "ensemble_weights")
-LABEL_KEYS = ("step_sizes", "lrs", "etas", "expert_lrs", "labels", "experts")
-
+from .options import DecodeSettings, dumps, parse_options, to_jsonable
+from .updaters.base import UpdaterSnapshot
 
 # ---- shared CLI pieces (bench uses them too) -----------------------------------------------
-def parse_value(text: str) -> Any:
-    """'3' -> 3, '1e-3' -> 0.001, 'true' -> True, '[1,2]' -> [1, 2], anything else -> str."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def parse_options(pairs: list[str] | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for p in pairs or []:
-        require("=" in p, f"option {p!r} must look like key=value (e.g. lr=1e-3)")
-        k, v = p.split("=", 1)
-        require(bool(k.strip()), f"option {p!r} has an empty key; use key=value")
-        out[k.strip()] = parse_value(v)
-    return out
-
-
 def add_pair_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--pair", default="demo", help="'demo' (embedded pair) or a target model DIR / hub id")
     ap.add_argument("--draft", default=None, help="draft model DIR / hub id (default: the demo draft)")
@@ -104,32 +83,22 @@ def machine_info() -> dict[str, Any]:
             "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
-def ensemble_weights(stats: dict[str, Any]) -> tuple[list[float], list[str]] | None:
-    """(weights, labels) when an updater's stats() exposes a list of expert weights."""
-    for key in WEIGHT_KEYS:
-        w = stats.get(key)
-        if isinstance(w, (list, tuple)) and w and all(isinstance(x, (int, float)) for x in w):
-            labels = [f"expert {i}" for i in range(len(w))]
-            for lk in LABEL_KEYS:
-                lab = stats.get(lk)
-                if isinstance(lab, (list, tuple)) and len(lab) == len(w):
-                    labels = [f"{lk.rstrip('s')} {x:g}" if isinstance(x, float) else str(x) for x in lab]
-                    break
-            return [float(x) for x in w], labels
-    return None
+def ensemble_weights(snap: UpdaterSnapshot) -> tuple[list[float], list[str]] | None:
+    """(weights, labels) of an ensemble updater's experts, from its snapshot."""
+    if not snap.weights:
+        return None
+    w = list(snap.weights)
+    labels = ([f"step size {x:g}" for x in snap.step_sizes] if len(snap.step_sizes) == len(w)
+              else [f"expert {i}" for i in range(len(w))])
+    return w, labels
 
 
 # ---- the run ---------------------------------------------------------------------------------
-@dataclass
-class RunConfig:
+@dataclass(kw_only=True)
+class RunConfig(DecodeSettings):
     out: Path
     updater: str = "frozen"
     updater_options: dict[str, Any] = field(default_factory=dict)
-    k: int = 4
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
     max_new_tokens: int = 64
     plots: bool = True
     progress: bool = True
@@ -154,16 +123,16 @@ def _progress(total: int, enabled: bool):
 
 
 def run_engine(engine, items, cfg: RunConfig) -> Iterator[tuple[str, Any]]:
-    """Drive engine.run_stream; yields ("round", row) and ("prompt", record) for the writers."""
+    """Drive the engine over the stream; yields ("round", (round, row, weights)) and
+    ("prompt", record) for the writers."""
     t_start = time.perf_counter()
     t_prompt = t_start
-    for ev in engine.run_stream(items, cfg.max_new_tokens):
+    for _, ev in Driver([engine], engine.control).run(items, cfg.max_new_tokens):
         if ev.kind == "start":
             t_prompt = time.perf_counter()
         elif ev.kind == "round":
-            row = round_row(ev.round, engine.updater_name, time.perf_counter() - t_start)
-            w = ensemble_weights(engine.updater.stats())
-            yield "round", (ev.round, row, w)
+            row = round_row(ev.round, ev.updater.name, time.perf_counter() - t_start)
+            yield "round", (ev.round, row, ensemble_weights(ev.updater))
         elif ev.kind in ("done", "stopped"):
             s = ev.data["stats"]
             yield "prompt", {"prompt_index": ev.data["prompt_index"], "topic": ev.data["topic"],
@@ -216,7 +185,7 @@ def run(pair, items, cfg: RunConfig) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     bar.close()
     metrics = {
-        "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "config": {**to_jsonable(asdict(cfg)),
                    "pair": pair.name, "target": pair.target_source, "draft": pair.draft_source,
                    "draft_kind": pair.draft_kind},
         "totals": {**total.as_dict(), "wall_s_end_to_end": wall,
@@ -226,7 +195,7 @@ def run(pair, items, cfg: RunConfig) -> dict[str, Any]:
                                "acceptance_rate": m.acceptance_rate, "update_s": m.update_s}
                       for t, m in by_topic.items()},
         "prompts": prompts,
-        "updater_stats": _jsonable(engine.updater.stats()),
+        "updater_stats": engine.updater.snapshot().as_dict(),
         "machine": machine_info(),
         "files": ["metrics.json", "rounds.csv"],
     }
@@ -239,20 +208,8 @@ def run(pair, items, cfg: RunConfig) -> dict[str, Any]:
             weights_png(out / "weights.png", [i for i, _ in weights], [w for _, w in weights], labels,
                         topics, title=f"ensemble weights: {cfg.updater}")
             metrics["files"].append("weights.png")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
+    (out / "metrics.json").write_text(dumps(metrics))
     return metrics
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    return repr(o)
-
-
-def _jsonable(o: Any) -> Any:
-    return json.loads(json.dumps(o, default=_json_default))
 
 
 def build_argparser() -> argparse.ArgumentParser:
@@ -284,7 +241,7 @@ def check_out_dir(out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_argparser().parse_args(argv)
     from .updaters import make_updater
-    opts = parse_options(args.updater_option)
+    opts = parse_options(args.updater_option, "--updater-option")
     make_updater(args.updater, **opts)  # unknown name / bad options: fail before loading models
     items = load_items(args.stream, args.limit)  # bad stream: fail before loading models
     check_out_dir(Path(args.out))

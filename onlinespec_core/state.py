@@ -24,6 +24,7 @@ from safetensors.torch import save_file, save_model
 
 from .atomic import read_dir, write_dir_atomically
 from .errors import OnlineSpecError, require
+from .options import json_default
 
 STATE_VERSION = 2
 KIND = "state"
@@ -79,16 +80,8 @@ def write_state(path: str | os.PathLike, meta: dict[str, Any], module: torch.nn.
     def write(tmp: Path) -> None:
         save_model(module, str(tmp / DRAFT))
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
-        (tmp / META).write_text(json.dumps({"version": STATE_VERSION, **meta}, indent=2, default=_json_default))
+        (tmp / META).write_text(json.dumps({"version": STATE_VERSION, **meta}, indent=2, default=json_default))
     return write_dir_atomically(path, write, KIND)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 # ---- read ------------------------------------------------------------------------------

@@ -8,9 +8,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import OnlineSpecError
-from .models import ASSETS
-
-STREAMS_DIR = ASSETS / "streams"
+from .paths import STREAMS_DIR
 
 
 @dataclass(frozen=True)

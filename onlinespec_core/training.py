@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from .drafts.base import pad_vocab
 from .errors import OnlineSpecError, require
 from .models import ModelPair
 
@@ -121,25 +120,6 @@ def batches(tokens: torch.Tensor, batch_size: int, seq_len: int, generator: torc
 
 
 # ---- losses -----------------------------------------------------------------------------
-def lm_loss(draft: Any, ids: torch.Tensor, feats: torch.Tensor | None, target_logits: torch.Tensor,
-            generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Separate LM: soft CE(p_t, q_t) at every position of the window."""
-    logits = pad_vocab(draft.model(input_ids=ids, use_cache=False).logits.float(), draft.vocab_size)
-    logq = torch.log_softmax(logits, -1)
-    p = torch.softmax(target_logits.float(), -1)
-    ce = -(p * logq.clamp_min(-1e4)).sum(-1).mean()
-    return ce, {"ce": ce.item(), "top1": (logq.argmax(-1) == p.argmax(-1)).float().mean().item()}
-
-
-def draft_loss(draft: Any, ids: torch.Tensor, feats: torch.Tensor | None, target_logits: torch.Tensor,
-               generator: torch.Generator | None = None,
-               max_positions: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    fn = getattr(draft, "offline_loss", None)
-    if fn is None:
-        return lm_loss(draft, ids, feats, target_logits, generator)
-    return fn(ids, feats, target_logits, generator=generator, max_positions=max_positions)
-
-
 @torch.no_grad()
 def target_pass(target: Any, ids: torch.Tensor, need_hidden: bool,
                 bf16: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -191,7 +171,7 @@ def warm_up(pair: ModelPair, data: Any, cfg: WarmupConfig | None = None, progres
             feats, tlogits = target_pass(target, ids, draft.needs_hidden, cfg.target_bf16)
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, step, frac)
-            loss, stats = draft_loss(draft, ids, feats, tlogits, g, cfg.max_positions)
+            loss, stats = draft.offline_loss(ids, feats, tlogits, generator=g, max_positions=cfg.max_positions)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:

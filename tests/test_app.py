@@ -93,7 +93,7 @@ def test_run_receives_rounds_lossless_and_renders(qtbot, win, pair_dirs):
     assert "round" in view.tooltip_for(info)
     assert view.token_at(info.start + 0) is info
     s = win.log.series[0]
-    assert s.rounds == win.rounds_seen and len(s.x) == s.rounds and len(s.pos_drafted) == 3
+    assert s.rounds == win.rounds_seen and len(s.x) == s.rounds and len(s.m.pos_drafted) == 3
     assert [t for _, t in win.log.topics] == ["code", "sql", "math"]
     assert win.max_stall_ms >= 0.0
 

@@ -55,7 +55,7 @@ def test_exact_feedback_replays_the_real_logits(llama_pair):
     """For a learning config every verified row must be what a real forward gives."""
     cfgs = [CompareConfig("lead", k=1), CompareConfig("learner", k=3)]
     runner = CompareRunner(llama_pair, cfgs, keep_distributions=True)
-    runner.engines[1].updater.needs_feedback = True  # behave as an updater that learns
+    runner.engines[1].updater.feedback_rows = "all"  # behave as an updater that reads every row
     _, rounds = collect(runner)
     plain = CompareRunner(llama_pair, cfgs, share_target=False, keep_distributions=True)
     _, plain_rounds = collect(plain)

@@ -225,13 +225,15 @@ def test_end_of_stream_stop_shift_s_and_still_readout(qtbot, win):
 def test_tooltip_quotes_what_the_draft_proposed(qtbot):
     view = TokenView()
     qtbot.addWidget(view)
-    view.append([("round", {"round": 3, "k": 2, "accepted": 0, "kind": "correction", "emitted": [7],
+    view.append([("round", {"round": 3, "k": 2, "accepted": 0, "kind": "correction", "origins": ["correction"],
+                            "emitted": [7],
                             "texts": ["x"], "drafted": [9, 9], "drafted_texts": ["|", "|"],
                             "draft_p": [0.4], "target_p": [0.6]})])
     tip = view.tooltip_for(view.infos[0])
     assert "\u201c<b>|</b>\u201d (rejected)" in tip and "round 3" in tip
     QToolTip.showText(QPoint(10, 10), "stale", view.text.viewport())
-    view.append([("round", {"round": 4, "k": 1, "accepted": 1, "kind": "bonus", "emitted": [1, 2],
+    view.append([("round", {"round": 4, "k": 1, "accepted": 1, "kind": "bonus", "origins": ["draft", "bonus"],
+                            "emitted": [1, 2],
                             "texts": ["a", "b"]})])
     qtbot.waitUntil(lambda: not QToolTip.isVisible(), timeout=3000)  # new text scrolls under it
 

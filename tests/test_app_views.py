@@ -7,7 +7,9 @@ import time
 import pytest
 from PySide6.QtGui import QImage
 
-from app.records import RunLog, UiEvent, origins
+from app.records import RunLog, UiEvent
+from onlinespec_core.feedback import origins
+from onlinespec_core.updaters.base import UpdaterSnapshot
 from app.spec import parse_options, updater_fields
 from app.views import tokens as tokens_mod
 from app.views.tokens import TokenView
@@ -18,7 +20,8 @@ from onlinespec_core.streams import StreamItem, write_stream
 def fake_round(i: int, k: int = 4, acc: int = 2) -> dict:
     """A round record as the worker sends it (shape only: the view is what is tested here)."""
     n = acc + 1
-    return {"round": i, "k": k, "accepted": acc, "kind": "bonus" if acc == k else "correction",
+    kind = "bonus" if acc == k else "correction"
+    return {"round": i, "k": k, "accepted": acc, "kind": kind, "origins": origins(acc, kind, n),
             "emitted": list(range(n)), "texts": [f"t{i % 97}" if j < n - 1 else " x\n"[j % 2:]
                                                  for j in range(n)],
             "drafted": list(range(k)), "drafted_texts": ["d"] * k, "draft_p": [0.5] * k,
@@ -70,7 +73,8 @@ def test_origins_and_records():
     log.add(UiEvent("start", 0, {"topic": "code"}))
     for i in range(5):
         d = fake_round(i)
-        d.update(wall_s=0.01, loss=0.5, stats={"weights": [0.2, 0.8], "lrs": [1e-4, 2e-4]})
+        d.update(wall_s=0.01, loss=0.5,
+                 updater_state=UpdaterSnapshot("ensemble", weights=(0.2, 0.8), step_sizes=(1e-4, 2e-4)))
         log.add(UiEvent("round", 0, d))
     log.add(UiEvent("updater", 0, {"from": "frozen", "to": "ogd"}))
     log.add(UiEvent("baseline", -1, {"tokens_per_s": 150.0}))

@@ -12,6 +12,7 @@ from onlinespec_core.drafts import Draft
 from onlinespec_core.errors import OnlineSpecError
 from onlinespec_core.training import warm_up
 from onlinespec_core.updaters import available_updaters
+from onlinespec_core.updaters.base import Update, Updater
 from tests.tiny import TEXT, make_model
 
 PROMPTS = ["d", "def add(a, b):", "Tom has 3 apples and buys 4 more. How many apples does he have?"]
@@ -101,7 +102,7 @@ def test_every_updater_keeps_feature_drafts_lossless(trained, refs, kind, update
         pair.draft.module.load_state_dict(before)
 
 
-class SGD:
+class SGD(Updater):
     """A minimal real online updater (plain SGD on soft CE toward the target) driving
     train_logits through the engine: weights change between rounds."""
     name = "test-sgd"
@@ -117,14 +118,13 @@ class SGD:
         logits = self.draft.train_logits(rnd)
         p = torch.softmax(rnd.target_logits[: rnd.k].float().clone(), -1)
         loss = -(p * torch.log_softmax(logits, -1)).sum(-1).mean()
-        terms = getattr(self.draft, "train_terms", None)
-        if terms is not None and rnd.target_hidden is not None:
-            loss = loss + terms(rnd)["feature_loss"]
+        if self.draft.has_train_terms and rnd.target_hidden is not None:
+            loss = loss + self.draft.train_terms(rnd)["feature_loss"]
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()
         self.steps += 1
-        return True
+        return Update(changed=True)
 
     def detach(self):
         pass

@@ -170,7 +170,7 @@ def test_ensemble_hedge_uses_losses_before_update(rounds_and_pair, pair_dirs):
         by_hand = [loss_at(draft, e, new) for e in before]
         write_params(ens.params, ens.deployed())
         ens.observe(new[0])
-        assert ens.observe(new[1]) is True
+        assert ens.observe(new[1]).changed is True
         L = [a + b for a, b in zip(L, by_hand)]
         assert ens.hedge.L == pytest.approx(L, rel=1e-5)
         assert ens.weights == pytest.approx(softmax_by_hand([-2.0 * x for x in L]), rel=1e-5)
@@ -178,8 +178,8 @@ def test_ensemble_hedge_uses_losses_before_update(rounds_and_pair, pair_dirs):
         for p, a in zip(draft.module.parameters(), avg):
             assert torch.equal(p.data, a)  # deployed = fp32 average by the Hedge weights
     assert max(ens.weights) - min(ens.weights) > 1e-3  # the experts diverged, weights moved
-    s = ens.stats()
-    assert s["lrs"] == pytest.approx([0.01, 0.03, 0.09]) and len(s["weights"]) == 3
+    s = ens.snapshot()
+    assert list(s.step_sizes) == pytest.approx([0.01, 0.03, 0.09]) and len(s.weights) == 3
 
 
 def test_fixed_share_hedge_by_hand_and_recovers():
@@ -209,7 +209,7 @@ def test_ensemble_frozen_expert_relative_hedge(rounds_and_pair, pair_dirs):
         ens.observe(r)
     for e, w in zip(ens.experts[0], offline):
         assert torch.equal(e, w.float())  # the step size 0 expert is the offline draft
-    assert ens.opts[0] is None and ens.stats()["lrs"][0] == 0.0
+    assert ens.opts[0] is None and ens.snapshot().step_sizes[0] == 0.0
     assert abs(sum(ens.weights) - 1) < 1e-9 and min(ens.weights) >= ens.cfg.share / 4 - 1e-9
     assert ens._scaled([2.0, 1.0, 4.0, 4.0]) == [0.5, 0.25, 1.0, 1.0]  # l_i / max_j l_j
 

@@ -309,10 +309,12 @@ class SetupPanel(QWidget):
             k, dyn = self.k.value(), self.dynamic_k.isChecked()
             for i, (n, o) in enumerate([(name, opts)] + extra):
                 compare.append(CompareConfig(f"{'ABC'[i]}: {n}", n, o, k, dyn))
-        return RunSpec(self.pair_spec(), self.stream_spec(), name, opts, self.k.value(),
-                       self.dynamic_k.isChecked(), self.temperature.value(), self.top_k.value(),
-                       self.top_p.value(), self.seed.value(), self.max_new.value(), compare,
-                       self.share.isChecked(), self.baseline.isChecked(), self.reset_draft.isChecked())
+        return RunSpec(pair=self.pair_spec(), stream=self.stream_spec(), updater=name, updater_options=opts,
+                       k=self.k.value(), dynamic_k=self.dynamic_k.isChecked(),
+                       temperature=self.temperature.value(), top_k=self.top_k.value(),
+                       top_p=self.top_p.value(), seed=self.seed.value(), max_new_tokens=self.max_new.value(),
+                       compare=compare, share_target=self.share.isChecked(),
+                       baseline=self.baseline.isChecked(), reset_draft=self.reset_draft.isChecked())
 
     # ---- QSettings ---------------------------------------------------------------------
     def _widgets(self) -> dict[str, QWidget]:

@@ -3,7 +3,6 @@ acceptance, ensemble weights (stacked) with step sizes, online loss, tokens/s an
 All x axes are tokens generated (aligned across compared configurations)."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -280,5 +279,3 @@ def _html(s: str) -> str:
     return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def finite(v: float | None) -> bool:
-    return v is not None and math.isfinite(v)

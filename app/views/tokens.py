@@ -9,12 +9,11 @@ from __future__ import annotations
 from bisect import bisect_right
 from typing import NamedTuple
 
-from PySide6.QtCore import QEvent, QObject, Qt
+from PySide6.QtCore import QEvent, QObject
 from PySide6.QtGui import QBrush, QColor, QFont, QFontDatabase, QTextCharFormat, QTextCursor
 from PySide6.QtWidgets import (QHBoxLayout, QLabel, QPlainTextEdit, QToolTip, QVBoxLayout,
                                QWidget)
 
-from ..records import origins
 
 # Okabe-Ito hues (colour-blind safe), lightened for dark text; style adds a second cue
 PALETTE: dict[str, tuple[str, str, str]] = {  # origin -> (background, text, legend label)
@@ -140,9 +139,8 @@ class TokenView(QWidget):
         self._block_len = 0
 
     def _round(self, c: QTextCursor, d: dict) -> None:
-        texts, emitted = d["texts"], d["emitted"]
-        kinds = origins(d["accepted"], d["kind"], len(emitted))
-        dp, tp, drafted = d.get("draft_p") or [], d.get("target_p") or [], d.get("drafted") or []
+        texts, kinds = d["texts"], d["origins"]  # origins: the round's own (feedback.Round.origins)
+        dp, tp = d.get("draft_p") or [], d.get("target_p") or []
         dtexts = d.get("drafted_texts") or []
         for i, (tok, origin) in enumerate(zip(texts, kinds)):
             shown = display(tok)

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
+from ..errors import require
 from ..feedback import Round
 from ..sampling import SamplingConfig
 
@@ -21,9 +22,16 @@ class Proposal:
 
 @runtime_checkable
 class Draft(Protocol):
-    kind: str
+    """A draft kind subclasses this (capabilities and no-op hooks come with defaults)."""
+    kind: ClassVar[str]
     module: nn.Module  # every trainable parameter of the draft lives here
-    needs_hidden: bool  # True when the draft reads the target's hidden states
+    # capabilities
+    needs_hidden: ClassVar[bool] = False  # reads the target's hidden states (feature drafts)
+    trainable: ClassVar[bool] = True  # has weights an updater can train (a lookup draft: False)
+    merges_rounds: ClassVar[bool] = False  # one causal forward over a sequence gives every
+    #                                        round's training logits on the path (lm drafts)
+    has_train_terms: ClassVar[bool] = False  # train_terms adds losses beyond the logits (eagle)
+    batches_rounds: ClassVar[bool] = False  # train_rows reads a whole batch in one pass (hydra)
 
     def reset(self) -> None:
         """Forget any cached state (new sequence)."""
@@ -45,22 +53,36 @@ class Draft(Protocol):
         """[k, V] draft logits at the round's drafted positions, recomputed WITH grad from
         exactly the inputs the draft saw when it proposed them."""
 
+    def train_rows(self, rounds: list[Round], ms: list[int]) -> torch.Tensor:
+        """[sum(ms), V] training logits: the first ms[i] drafted positions of each round."""
+        return torch.cat([self.train_logits(r)[:m] for r, m in zip(rounds, ms)])
+
+    def train_terms(self, rnd: Round) -> dict[str, torch.Tensor]:
+        """{"logits": train_logits(rnd)} plus extra loss terms (e.g. "feature_loss") when
+        has_train_terms."""
+        return {"logits": self.train_logits(rnd)}
+
+    def offline_loss(self, ids: torch.Tensor, feats: torch.Tensor | None, target_logits: torch.Tensor,
+                     generator: torch.Generator | None = None,
+                     max_positions: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Warm-up training loss on a window of ids (training.py)."""
+        raise NotImplementedError(f"the {self.kind!r} draft has no offline training loss")
+
+    def observe_sequence(self, seq: torch.Tensor) -> None:
+        """A sequence ended (prompt + output): drafts that index what they saw (ngram) file it."""
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """What the draft learnt outside its module's weights (ngram: its stream index); saved
+        with the engine's state."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """The inverse of state_tensors; a kind without such state gets nothing."""
+        require(not tensors, f"the saved state holds {sorted(tensors)[:3]} for a {self.kind!r} draft, "
+                             "which keeps no state outside its weights; load it with the draft kind it was saved from")
+
     def save(self, path: str | Path) -> None:
         """Write weights (safetensors) + config into directory path."""
-
-
-def draft_state(draft: Draft) -> dict[str, torch.Tensor]:
-    """What a draft learnt outside its module's weights (e.g. the ngram draft's stream index):
-    draft.state_tensors() where a kind has it, else nothing. Saved with the engine's state."""
-    fn = getattr(draft, "state_tensors", None)
-    return dict(fn()) if fn is not None else {}
-
-
-def load_draft_state(draft: Draft, tensors: dict[str, torch.Tensor]) -> None:
-    """The inverse of draft_state (load_state_tensors); a kind without it must get nothing."""
-    fn = getattr(draft, "load_state_tensors", None)
-    if fn is not None:
-        fn(tensors)
 
 
 def crop_cache(cache, keep_len: int) -> None:

@@ -55,6 +55,7 @@ class EagleHead(nn.Module):
 
 class EagleDraft(FeatureDraft):
     kind = "eagle"
+    has_train_terms = True  # + SmoothL1 on the predicted features (train_terms)
 
     def __init__(self, target: PreTrainedModel, module: EagleHead, cfg: EagleConfig) -> None:
         super().__init__(target, module, cfg)

@@ -28,7 +28,7 @@ from torch import nn
 from transformers import AutoModel, PreTrainedModel
 
 from ..errors import OnlineSpecError, require
-from .base import pad_vocab
+from .base import Draft, pad_vocab
 
 CONFIG_NAME = "draft_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -310,7 +310,7 @@ def target_fingerprint(target: PreTrainedModel) -> dict[str, Any]:
     return {"model_type": c.model_type, "hidden_size": c.hidden_size, "vocab_size": c.vocab_size}
 
 
-class FeatureDraft:
+class FeatureDraft(Draft):
     """What the eagle and hydra drafts share: the target's frozen readout (embeddings, final norm,
     lm_head), the book of proposals for train_logits, and the target's real features."""
     needs_hidden = True

@@ -72,6 +72,7 @@ class HydraHeads(nn.Module):
 
 class HydraDraft(FeatureDraft):
     kind = "hydra"
+    batches_rounds = True  # train_rows: every round of a batch in one pass
 
     def __init__(self, target: PreTrainedModel, module: HydraHeads, cfg: HydraConfig) -> None:
         super().__init__(target, module, cfg)  # self.cache: prefix layer only, real positions

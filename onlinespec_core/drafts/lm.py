@@ -9,12 +9,12 @@ from transformers import DynamicCache, PreTrainedModel
 from .. import fast
 from ..feedback import Round
 from ..sampling import SamplingConfig, logits_to_probs, sample
-from .base import Proposal, crop_cache, pad_vocab
+from .base import Draft, Proposal, crop_cache, pad_vocab
 
 
-class LMDraft:
+class LMDraft(Draft):
     kind = "lm"
-    needs_hidden = False
+    merges_rounds = True  # every round of a sequence: one causal forward (updaters.gradient)
 
     def __init__(self, model: PreTrainedModel, vocab_size: int | None = None,
                  train_window: int = 128) -> None:
@@ -122,6 +122,16 @@ class LMDraft:
         logits = self.model(input_ids=ids, position_ids=pos, use_cache=False,
                             logits_to_keep=rnd.k).logits[0]
         return pad_vocab(logits, self.vocab_size)
+
+    def offline_loss(self, ids: torch.Tensor, feats: torch.Tensor | None, target_logits: torch.Tensor,
+                     generator: torch.Generator | None = None,
+                     max_positions: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Warm-up: soft CE(p_t, q_t) at every position of the window."""
+        logits = pad_vocab(self.model(input_ids=ids, use_cache=False).logits.float(), self.vocab_size)
+        logq = torch.log_softmax(logits, -1)
+        p = torch.softmax(target_logits.float(), -1)
+        ce = -(p * logq.clamp_min(-1e4)).sum(-1).mean()
+        return ce, {"ce": ce.item(), "top1": (logq.argmax(-1) == p.argmax(-1)).float().mean().item()}
 
     def save(self, path: str | Path) -> None:
         self.model.save_pretrained(str(path), safe_serialization=True)

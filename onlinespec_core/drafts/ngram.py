@@ -40,7 +40,7 @@ from torch import nn
 from ..errors import OnlineSpecError, require
 from ..feedback import Round
 from ..sampling import SamplingConfig
-from .base import Proposal
+from .base import Draft, Proposal
 
 Key = tuple[int, ...]
 
@@ -146,9 +146,8 @@ class _LocalIndex:
         return out
 
 
-class NgramDraft:
+class NgramDraft(Draft):
     kind = "ngram"
-    needs_hidden = False
     trainable = False  # no weights: online updaters other than 'frozen' do not apply
 
     def __init__(self, vocab_size: int, max_n: int = 6, min_n: int = 2,

@@ -7,7 +7,9 @@ from typing import Any
 from ..errors import OnlineSpecError
 from .base import Updater
 
-# name -> "module:Class"; imported lazily so one broken member never breaks the rest
+# name -> "module:Class" (a module of this package, or else an importable module path);
+# imported lazily so one broken member never breaks the rest. Adding an updater: one file
+# with a class that subclasses Updater (or GradientUpdater), and its line here.
 REGISTRY: dict[str, str] = {
     "frozen": "frozen:FrozenUpdater",
     "ogd": "ogd:OGDUpdater",
@@ -24,8 +26,18 @@ def available_updaters() -> list[str]:
 def make_updater(name: str, **options: Any) -> Updater:
     if name not in REGISTRY:
         raise OnlineSpecError(f"unknown updater {name!r}; choose one of {', '.join(REGISTRY)}")
+    return updater_class(name)(**options)
+
+
+def updater_class(name: str) -> type:
     module, cls = REGISTRY[name].split(":")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)(**options)
+    try:
+        mod = importlib.import_module(f"{__name__}.{module}")
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{module}":
+            raise
+        mod = importlib.import_module(module)  # a module outside this package (a plug-in)
+    return getattr(mod, cls)
 
 
-__all__ = ["Updater", "REGISTRY", "available_updaters", "make_updater"]
+__all__ = ["Updater", "REGISTRY", "available_updaters", "make_updater", "updater_class"]

@@ -96,8 +96,8 @@ def run_one(load: Callable[[], Any], spec: str, items: list[Any], cfg: ShiftBenc
            "tau_A_first": _mean_tau(a[:w]), "tau_A_last": _mean_tau(a[-w:]),
            "tau_B_first": _mean_tau(b[:w]), "tau_B_last": _mean_tau(b[-w:]),
            "tau_A": _mean_tau(a), "tau_B": _mean_tau(b)}
-    if st.get("weights") is not None:
-        out.update({"lrs": st["lrs"], "weights_A_end": weights.get("A_end"), "weights_B_end": weights["B_end"]})
+    if st["weights"]:
+        out.update({"lrs": st["step_sizes"], "weights_A_end": weights.get("A_end"), "weights_B_end": weights["B_end"]})
     return out
 
 

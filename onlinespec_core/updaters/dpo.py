@@ -104,11 +104,9 @@ class DPOUpdater(GradientUpdater):
         write_params(self.params, self.master)
         return True
 
-    def stats(self) -> dict[str, Any]:
-        s = super().stats()
-        s.update({"mode": self.cfg.mode, "beta": self.cfg.beta, "pairs": self.pairs,
-                  "ref_round": self.ref_round})
-        return s
+    def extra_snapshot(self) -> dict[str, Any]:
+        return {"mode": self.cfg.mode, "beta": self.cfg.beta, "pairs": self.pairs,
+                "ref_round": self.ref_round}
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         t = {f"master.{i}": m for i, m in enumerate(self.master)}

@@ -19,13 +19,14 @@ restart="merged": every expert restarts from the deployed average after each Hed
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from ..errors import require
 from ..feedback import Round
+from .base import UpdaterSnapshot
 from .gradient import (GradConfig, GradientUpdater, fp32_copy, load_list, load_optim, make_optimizer,
                        optim_json, optim_tensors, optimizer_step, write_params)
 
@@ -197,11 +198,13 @@ class EnsembleUpdater(GradientUpdater):
                     t.copy_(v)
         write_params(self.params, self._deployed)
 
-    def stats(self) -> dict[str, Any]:
-        s = super().stats()
-        s.update({"weights": self.weights, "lrs": list(self.lrs), "hedge": self.cfg.hedge,
-                  "hedge_losses": list(self.hedge.L), "expert_losses": list(self.last_expert_losses)})
-        return s
+    def snapshot(self) -> UpdaterSnapshot:
+        return replace(super().snapshot(), weights=tuple(float(w) for w in self.weights),
+                       step_sizes=tuple(float(x) for x in self.lrs))
+
+    def extra_snapshot(self) -> dict[str, Any]:
+        return {"hedge": self.cfg.hedge, "hedge_losses": list(self.hedge.L),
+                "expert_losses": list(self.last_expert_losses)}
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         t = {}

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
@@ -20,8 +19,10 @@ from typing import Any, ClassVar
 import torch
 
 from ..drafts.base import Draft
-from ..errors import OnlineSpecError, require
+from ..errors import require
 from ..feedback import Round
+from ..options import build
+from .base import Update, Updater, UpdaterSnapshot
 from .losses import (DISTILL_LOSSES, POSITIONS, distill_rows, n_positions, online_loss,
                      round_distill_loss)
 
@@ -63,39 +64,6 @@ class GradConfig:
         require(self.max_grad_norm >= 0, f"{name}: max_grad_norm must be >= 0 (0 = off)")
         require(self.feature_weight >= 0, f"{name}: feature_weight must be >= 0")
         require(0 <= self.anchor < 1, f"{name}: anchor must be in [0, 1) (a fraction per step; 0 = off)")
-
-
-def expected_type(default: Any, v: Any) -> str | None:
-    """What an option's value must be, judged by its default's type, or None when v fits (the
-    one check behind every `key=value` option: library, CLI and app)."""
-    if isinstance(default, bool):
-        return None if isinstance(v, bool) else "True or False"
-    if isinstance(default, int):
-        return None if isinstance(v, int) and not isinstance(v, bool) else "an integer"
-    if isinstance(default, float):
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        return None if ok else "a finite number"
-    if isinstance(default, str):
-        return None if isinstance(v, str) else "a string"
-    if isinstance(default, (list, tuple)):
-        return None if isinstance(v, (list, tuple)) else "a list, e.g. [1e-4, 3e-4]"
-    return None
-
-
-def parse_options(cls: type, options: dict[str, Any], name: str):
-    names = [f.name for f in fields(cls)]
-    bad = sorted(set(options) - set(names))
-    require(not bad, f"updater {name!r} has no option(s) {bad}; valid options: {', '.join(names)}")
-    for f in fields(cls):
-        if f.name in options and f.default is not dataclasses.MISSING:
-            want = expected_type(f.default, options[f.name])
-            require(want is None, f"updater {name!r}: {f.name} must be {want}, got {options[f.name]!r}")
-    try:
-        cfg = cls(**options)
-    except TypeError as e:
-        raise OnlineSpecError(f"updater {name!r}: bad options ({e})") from e
-    cfg.validate(name)
-    return cfg
 
 
 # ---- tensors ---------------------------------------------------------------------------
@@ -189,7 +157,7 @@ def load_list(tensors: dict[str, torch.Tensor], prefix: str, like: list[torch.Te
 
 
 # ---- rounds in the buffer ---------------------------------------------------------------
-def snapshot(rnd: Round, logit_rows: int | None = None) -> Round:
+def training_copy(rnd: Round, logit_rows: int | None = None) -> Round:
     """A training copy of a round: own (autograd-usable) tensors, independent of release();
     only the first logit_rows target rows are kept (the positions a loss reads)."""
     c = dataclasses.replace(rnd)
@@ -257,7 +225,7 @@ def sequence_round(rounds: list[Round], m_last: int) -> Round:
 
 
 # ---- the base updater -------------------------------------------------------------------
-class GradientUpdater:
+class GradientUpdater(Updater):
     """Cadence, buffer, guard and state shared by every gradient updater. Subclasses give
     init_weights() (from the draft's current weights), deployed() (fp32 values the module
     must hold), step(batch, n_new) (one update on a batch whose last n_new rounds are new
@@ -266,7 +234,7 @@ class GradientUpdater:
     Config: ClassVar[type] = GradConfig
 
     def __init__(self, **options: Any) -> None:
-        self.cfg = parse_options(self.Config, options, self.name)
+        self.cfg = build(self.Config, options, f"updater {self.name!r}")
         self.draft: Draft | None = None
         self.params: list[torch.nn.Parameter] = []
         self.buffer: list[Round] = []
@@ -292,12 +260,19 @@ class GradientUpdater:
         if self.draft is not None:
             write_params(self.params, self.deployed())
 
-    def observe(self, rnd: Round) -> bool:
+    @property
+    def feedback_rows(self) -> str:  # type: ignore[override]  (the config decides)
+        return self.cfg.positions
+
+    def observe(self, rnd: Round) -> Update:
         c = self.cfg
         self.observed += 1
-        rnd.loss = online_loss(rnd, c.loss, c.positions, c.temperature)
-        self.last_online_loss = rnd.loss
-        item = snapshot(rnd, n_positions(rnd, c.positions))
+        loss = self.last_online_loss = online_loss(rnd, c.loss, c.positions, c.temperature)
+        return Update(self._take(training_copy(rnd, n_positions(rnd, c.positions))), loss)
+
+    def _take(self, item: Round) -> bool:
+        """Buffer one round; step when the cadence says so. True when the weights changed."""
+        c = self.cfg
         if c.cadence == "rounds":
             self.buffer.append(item)
             del self.buffer[:-c.batch]
@@ -309,7 +284,7 @@ class GradientUpdater:
             changed = self._guarded_step(self.buffer, n_new)
             self.after_feedback()
             return changed
-        key = self._prompt_of(rnd) // c.chunk_prompts
+        key = self._prompt_of(item) // c.chunk_prompts
         changed = False
         if self.chunk_key is not None and key != self.chunk_key and self.buffer:
             changed = self.train_chunk(self.buffer)
@@ -369,7 +344,7 @@ class GradientUpdater:
 
     def item_loss(self, rnd: Round) -> torch.Tensor:
         c = self.cfg
-        if c.feature_weight > 0 and hasattr(self.draft, "train_terms"):
+        if c.feature_weight > 0 and self.draft.has_train_terms:
             t = self.draft.train_terms(rnd)  # feature drafts: logits and SmoothL1 on features
             loss = round_distill_loss(t["logits"], rnd, c.loss, c.positions, c.temperature)
             return loss + c.feature_weight * t["feature_loss"] if "feature_loss" in t else loss
@@ -380,10 +355,10 @@ class GradientUpdater:
         proposed with (merged into one forward per sequence for lm drafts on the path)."""
         c = self.cfg
         ms = [n_positions(r, c.positions) for r in batch]
-        if hasattr(self.draft, "train_rows"):  # hydra: every round's rows in one pass
+        if self.draft.batches_rounds:  # hydra: every round's rows in one pass
             ms = [min(m, r.k) for m, r in zip(ms, batch)]
             return list(self.draft.train_rows(batch, ms).split(ms))
-        if not (c.merge and c.positions == "path" and getattr(self.draft, "kind", None) == "lm"):
+        if not (c.merge and c.positions == "path" and self.draft.merges_rounds):
             return [self.draft.train_logits(r)[:m] for r, m in zip(batch, ms)]
         out: list[torch.Tensor] = [None] * len(batch)  # type: ignore[list-item]
         for g in contiguous_groups(batch):
@@ -396,11 +371,11 @@ class GradientUpdater:
 
     def batch_losses(self, batch: list[Round]) -> torch.Tensor:
         c = self.cfg
-        if c.feature_weight > 0 and hasattr(self.draft, "train_terms"):
+        if c.feature_weight > 0 and self.draft.has_train_terms:
             return torch.stack([self.item_loss(r) for r in batch])
-        if c.merge and c.positions == "path" and getattr(self.draft, "kind", None) == "lm":
+        if c.merge and c.positions == "path" and self.draft.merges_rounds:
             return self.merged_losses(batch)
-        if hasattr(self.draft, "train_rows"):  # hydra: one pass, one divergence over all rows
+        if self.draft.batches_rounds:  # hydra: one pass, one divergence over all rows
             ms = [min(n_positions(r, c.positions), r.k) for r in batch]
             rows = self.draft.train_rows(batch, ms)
             targets = torch.cat([r.target_logits[:m].to(rows.device) for r, m in zip(batch, ms)])
@@ -480,12 +455,15 @@ class GradientUpdater:
     def load_extra(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         pass
 
-    # -- stats / state --
-    def stats(self) -> dict[str, Any]:
-        return {"name": self.name, "observed": self.observed, "updates": self.updates,
-                "skipped": self.skipped, "last_loss": self.last_loss,
-                "online_loss": self.last_online_loss, "buffered": len(self.buffer),
-                "cadence": self.cfg.cadence, "lr": self.cfg.lr}
+    # -- snapshot / state --
+    def snapshot(self) -> UpdaterSnapshot:
+        return UpdaterSnapshot(self.name, self.observed, self.updates, self.skipped, self.cfg.lr,
+                               self.last_loss, self.last_online_loss, len(self.buffer),
+                               extra={"cadence": self.cfg.cadence, **self.extra_snapshot()})
+
+    def extra_snapshot(self) -> dict[str, Any]:
+        """Algorithm-specific JSON-able values for UpdaterSnapshot.extra."""
+        return {}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         t, _ = rounds_to_state(self.buffer, "buf")

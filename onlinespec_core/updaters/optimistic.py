@@ -175,9 +175,8 @@ class OptimisticUpdater(GradientUpdater):
         write_params(self.params, self._deployed)
         return True
 
-    def stats(self) -> dict[str, Any]:
-        s = super().stats()
-        s["form"] = self.cfg.form
+    def extra_snapshot(self) -> dict[str, Any]:
+        s = {"form": self.cfg.form}
         if self.opt is None:
             s["hint_norm"] = float(torch.linalg.vector_norm(torch.stack([h.norm() for h in self.hint])))
         return s

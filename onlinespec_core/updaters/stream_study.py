@@ -59,7 +59,7 @@ def summarise(res: dict, window: int) -> dict:
         seen[topic] = n + 1
         v = {"topic": topic, "visit": n, "prompts": len(got), "tau": tau_of(got),
              "first": tau_of(got[:window]), "last": tau_of(got[-window:]) if len(got) >= window else None}
-        if got[-1].get("weights") is not None:
+        if got[-1].get("weights"):
             w = got[-1]["weights"]
             v["weights_end"] = w
             v["leader_end"] = max(range(len(w)), key=w.__getitem__)
@@ -81,7 +81,7 @@ def run_one(load, spec: str, items: list[Any], args, out_path: Path) -> dict:
     leaders = []
     for i, it in enumerate(items):
         rounds = []
-        for ev in eng.stream(it.prompt, args.max_new_tokens, topic=it.topic, prompt_index=i, _in_stream=True):
+        for ev in eng.stream(it.prompt, args.max_new_tokens, topic=it.topic, prompt_index=i, in_run=True):
             if ev.kind == "round":
                 rounds.append(ev.round)
         st = eng.updater.stats() if hasattr(eng.updater, "stats") else {}
@@ -89,7 +89,7 @@ def run_one(load, spec: str, items: list[Any], args, out_path: Path) -> dict:
                "drafted_rounds": sum(1 for r in rounds if r.k > 0),
                "update_s": sum(r.update_s for r in rounds), "wall_s": sum(r.wall_s for r in rounds),
                "loss": (lambda ls: sum(ls) / len(ls) if ls else None)([r.loss for r in rounds if r.loss is not None])}
-        if st.get("weights") is not None:
+        if st.get("weights"):
             rec["weights"] = [round(float(x), 5) for x in st["weights"]]
             leaders.append(max(range(len(rec["weights"])), key=rec["weights"].__getitem__))
         res["prompts"].append(rec)
