@@ -417,7 +417,13 @@ class GradientUpdater(Updater):
             if not bool(torch.isfinite(total)):
                 return losses.detach(), None
             gs = torch.autograd.grad(total, self.params, allow_unused=True)
-        grads = [torch.zeros_like(p, dtype=torch.float32) if g is None else g.float() for g, p in zip(gs, self.params)]
+        if not clip:  # unused parameters: one zero buffer each, kept (read-only to the caller)
+            if getattr(self, "_zero_grads", None) is None:
+                self._zero_grads = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+            grads = [z if g is None else g.float() for g, z in zip(gs, self._zero_grads)]
+        else:
+            grads = [torch.zeros_like(p, dtype=torch.float32) if g is None else g.float()
+                     for g, p in zip(gs, self.params)]
         if not clip:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
             if not bool(torch.isfinite(norm)):
