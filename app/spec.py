@@ -1,19 +1,22 @@
-"""What a run is made of (Qt-free): the pair, the engine config, the stream, compare configs."""
+"""What a run is made of (Qt-free): the pair, the engine config, the stream, compare configs, and
+the engines a Start assembles from them (build_run)."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from onlinespec_core.compare import CompareConfig
+import onlinespec_core as osc
+from onlinespec_core.compare import CompareConfig, CompareRunner
+from onlinespec_core.driver import RunControl
 from onlinespec_core.errors import OnlineSpecError
 from onlinespec_core.options import (DecodeSettings, expected_type, field_defaults, format_options,
                                      parse_options)
 from onlinespec_core.streams import StreamItem, bundled_streams, from_text, load_stream
 from onlinespec_core.updaters import REGISTRY, updater_class
 
-__all__ = ["PairSpec", "StreamSpec", "RunSpec", "default_stream", "parse_options", "format_options",
-           "updater_fields", "check_updater"]
+__all__ = ["PairSpec", "StreamSpec", "RunSpec", "Run", "build_run", "default_stream", "parse_options",
+           "format_options", "updater_fields", "check_updater"]
 
 FALLBACK_PROMPTS = ("def add(a, b):\nSELECT name FROM users WHERE\n"
                     "Tom has 3 apples and buys 4 more. How many apples")
@@ -72,6 +75,31 @@ class RunSpec(DecodeSettings):
     share_target: bool = True
     baseline: bool = True  # measure target-only tokens/s on the first prompt
     reset_draft: bool = True  # start from the pair's initial draft weights
+
+
+@dataclass
+class Run:
+    """What a Start assembles: the engines (config 0 first), their names, the compare runner."""
+    engines: list[osc.Engine]
+    names: list[str]
+    compare: CompareRunner | None = None
+
+
+def build_run(spec: RunSpec, pair: osc.ModelPair, control: RunControl,
+              loaded: osc.Engine | None = None) -> Run:
+    """The engines of a run: a compare runner's (sharing the target), or one engine; loaded =
+    an engine restored by load_state, continued with its own state and the spec's k/sampling."""
+    sampling = dict(temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p, seed=spec.seed)
+    if spec.compare:
+        compare = CompareRunner(pair, spec.compare, share_target=spec.share_target, control=control, **sampling)
+        return Run(compare.engines, [c.name for c in spec.compare], compare)
+    if loaded is not None:
+        loaded.set_k(spec.k, dynamic=spec.dynamic_k)
+        loaded.set_sampling(spec.temperature, spec.top_k, spec.top_p)
+        return Run([loaded], [loaded.updater_name])
+    eng = osc.Engine(pair, k=spec.k, updater=spec.updater, updater_options=spec.updater_options,
+                     dynamic_k=spec.dynamic_k, **sampling)
+    return Run([eng], [eng.updater_name])
 
 
 def default_stream() -> str:

@@ -185,14 +185,14 @@ class MainWindow(QMainWindow):
     def toggle_pause(self) -> None:
         if self.state == "idle":
             return
-        if self.worker.paused:
-            self.worker.resume()
+        if self.worker.control.paused:
+            self.worker.control.resume()
         else:
-            self.worker.pause()
+            self.worker.control.pause()
 
     def step(self) -> None:
         if self.state == "paused":
-            self.worker.step()
+            self.worker.control.step()
         elif self.state == "running":
             self.statusBar().showMessage("Step runs one round while paused: press Space to pause", 3000)
 
@@ -201,7 +201,7 @@ class MainWindow(QMainWindow):
 
     def shift_topic(self) -> None:
         if self.state in ("running", "paused"):
-            self.worker.shift_topic()
+            self.worker.control.shift_topic()
             self.statusBar().showMessage("shifting to the next topic\u2026", 3000)
 
     @guarded

@@ -22,13 +22,12 @@ import torch
 from PySide6.QtCore import QObject, Qt, Signal, Slot
 
 import onlinespec_core as osc
-from onlinespec_core.compare import CompareRunner
 from onlinespec_core.driver import Driver, RunControl
 from onlinespec_core.errors import OnlineSpecError
 from onlinespec_core.options import to_jsonable
 
 from .records import UiEvent
-from .spec import PairSpec, RunSpec
+from .spec import PairSpec, RunSpec, build_run
 
 try:  # imported here, in the UI thread at start-up: the first run's lazy imports of these ran in
     # the worker and held the UI up for 0.3-0.5 s (module bodies under the GIL)
@@ -82,29 +81,13 @@ class EngineWorker(QObject):
         self.control.clear()
         self._start.emit(spec)
 
-    def pause(self) -> None:
-        self.control.pause()
-
-    def resume(self) -> None:
-        self.control.resume()
-
-    def step(self) -> None:
-        self.control.step()
-
-    @property
-    def paused(self) -> bool:
-        return self.control.paused
-
     def stop(self) -> None:
         self._stopping = True
         self.control.resume()
         self.control.stop()
         base = self._base_engine
         if base is not None:
-            base.stop()  # a target-only baseline sample runs under its own control
-
-    def shift_topic(self) -> None:
-        self.control.shift_topic()
+            base.control.stop()  # a target-only baseline sample runs under its own control
 
     def set_updater(self, name: str, options: dict[str, Any]) -> None:
         """Switch config 0's updater at the next round (raises OnlineSpecError on bad input)."""
@@ -226,22 +209,9 @@ class EngineWorker(QObject):
                 and not self.loaded_state and self.initial_draft is not None:
             pair.draft.module.load_state_dict(self.initial_draft)
             pair.draft.invalidate()
-        sampling = dict(temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p, seed=spec.seed)
-        compare = None
-        if spec.compare:
-            compare = CompareRunner(pair, spec.compare, share_target=spec.share_target,
-                                    control=self.control, **sampling)
-            self.engines, names = compare.engines, [c.name for c in spec.compare]
-        else:
-            if self.loaded_state and self.engine is not None:
-                eng = self.engine  # continue a loaded state with its own config
-                eng.set_k(spec.k, dynamic=spec.dynamic_k)
-                eng.set_sampling(spec.temperature, spec.top_k, spec.top_p)
-            else:
-                eng = osc.Engine(pair, k=spec.k, updater=spec.updater, updater_options=spec.updater_options,
-                                 dynamic_k=spec.dynamic_k, **sampling)
-            self.loaded_state = False
-            self.engines, names = [eng], [eng.updater_name]
+        run = build_run(spec, pair, self.control, self.engine if self.loaded_state else None)
+        self.loaded_state = False
+        self.engines, names, compare = run.engines, run.names, run.compare
         self.engine = self.engines[0]
         events = Driver(self.engines, self.control).run(items, spec.max_new_tokens)
         shared = bool(spec.compare) and spec.share_target and spec.temperature == 0.0

@@ -200,22 +200,6 @@ class CompareRunner:
     def active(self) -> int:
         return self.driver.active
 
-    # controls: thread-safe; a shift waits for the prompt's end (every config sees the same prompts)
-    def pause(self) -> None:
-        self.control.pause()
-
-    def resume(self) -> None:
-        self.control.resume()
-
-    def step(self) -> None:
-        self.control.step()
-
-    def stop(self) -> None:
-        self.control.stop()
-
-    def shift_topic(self) -> None:
-        self.control.shift_topic()
-
     def run(self, prompts: Any, max_new_tokens: int = 64) -> Iterator[tuple[int, Event]]:
         """Yield (config index, event); config index -1 for stream-level (topic) events."""
         return self.driver.run(prompts, max_new_tokens)

@@ -21,6 +21,7 @@ from .errors import OnlineSpecError, require
 from .feedback import Round
 from .metrics import Metrics
 from .models import ModelPair
+from .options import DecodeSettings, is_int
 from .sampling import SamplingConfig
 from .updaters import REGISTRY, make_updater
 
@@ -33,12 +34,7 @@ T = TypeVar("T")
 
 
 @dataclass
-class EngineConfig:
-    k: int = 4  # draft length (0 = target-only decoding)
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
+class EngineConfig(DecodeSettings):
     dynamic_k: bool = False  # HF's heuristic: +2 after a fully accepted round, -1 otherwise
     cost_k: bool = False  # per round, the k in 0..k_max with the most expected tokens/s (kpolicy)
     k_min: int = 1
@@ -48,22 +44,20 @@ class EngineConfig:
     refresh_draft_cache: bool = True  # re-read the context after an update (stale KV otherwise)
 
     def validate(self, has_draft: bool) -> None:
-        for name in ("k", "k_min", "k_max"):
+        self.validate_decode(K_MAX)
+        for name in ("k_min", "k_max"):
             v = getattr(self, name)
             require(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= K_MAX,
                     f"{name} must be an integer in 0..{K_MAX} (0 = target-only decoding); got {v!r}")
         require(self.k_min <= self.k_max, f"k_min ({self.k_min}) must be <= k_max ({self.k_max})")
         require(has_draft or self.k == 0,
                 "this pair has no draft; use k=0 (target-only) or load a pair with a draft")
-        require(_is_int(self.seed) and 0 <= self.seed < 2 ** 63,
-                f"seed must be an integer in 0..2**63-1; got {self.seed!r}")
-        require(_is_int(self.feedback_window) and self.feedback_window >= 0,
+        require(is_int(self.feedback_window) and self.feedback_window >= 0,
                 f"feedback_window must be an integer >= 0; got {self.feedback_window!r}")
         require(not (self.dynamic_k and self.cost_k), "pick one of dynamic_k and cost_k")
         for name in ("dynamic_k", "cost_k", "keep_distributions", "refresh_draft_cache"):
             require(isinstance(getattr(self, name), bool),
                     f"{name} must be True or False; got {getattr(self, name)!r}")
-        SamplingConfig(self.temperature, self.top_k, self.top_p)  # validates
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], base: "EngineConfig", has_draft: bool, where: str) -> "EngineConfig":
@@ -73,10 +67,6 @@ class EngineConfig:
         cfg = cls(**{**asdict(base), **d})
         cfg.validate(has_draft)
         return cfg
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass
@@ -129,8 +119,7 @@ class Engine:
 
     @property
     def sampling(self) -> SamplingConfig:
-        c = self.config
-        return SamplingConfig(c.temperature, c.top_k, c.top_p)
+        return self.config.sampling
 
     # ---- control requests: applied between rounds --------------------------------------
     def _request(self, fn: Callable[[], Event | None]) -> Event | None:
@@ -222,28 +211,6 @@ class Engine:
                                           "round": self.round_index})
         self._request(apply)
 
-    # run control (thread-safe; read between rounds): see driver.RunControl
-    def pause(self) -> None:
-        self.control.pause()
-
-    def resume(self) -> None:
-        self.control.resume()
-
-    def step(self) -> None:
-        """While paused: run exactly one more round."""
-        self.control.step()
-
-    def stop(self) -> None:
-        self.control.stop()
-
-    def shift_topic(self) -> None:
-        """In run_stream: end the current prompt and jump to the next topic's first prompt."""
-        self.control.shift_topic()
-
-    @property
-    def paused(self) -> bool:
-        return self.control.paused
-
     # ---- decoding ----------------------------------------------------------------------
     def encode(self, prompt: str | list[int] | torch.Tensor) -> torch.Tensor:
         kinds = "a string, a list of token ids or a 1-D integer tensor"
@@ -267,7 +234,7 @@ class Engine:
             ids = prompt.reshape(-1).tolist()
         elif isinstance(prompt, (list, tuple)):
             ids = list(prompt)
-            bad_t = [i for i in ids if not _is_int(i)]
+            bad_t = [i for i in ids if not is_int(i)]
             require(not bad_t, f"prompt ids must be integers; got {bad_t[:3]!r}; encode the prompt with "
                                "the pair's tokenizer")
         else:
@@ -296,13 +263,13 @@ class Engine:
             cfg = getattr(m, "config", None)
             for name in ("n_positions", "max_position_embeddings"):
                 v = getattr(cfg, name, None)
-                if _is_int(v) and v > 0:
+                if is_int(v) and v > 0:
                     limits.append(v)
                     break
         return min(limits) if limits else DEFAULT_CONTEXT
 
     def check_lengths(self, prompt_len: int, max_new_tokens: Any) -> None:
-        require(_is_int(max_new_tokens) and 1 <= max_new_tokens <= MAX_NEW_TOKENS,
+        require(is_int(max_new_tokens) and 1 <= max_new_tokens <= MAX_NEW_TOKENS,
                 f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS}; got {max_new_tokens!r}")
         limit = self.context_limit()
         require(prompt_len + max_new_tokens <= limit,
@@ -315,7 +282,7 @@ class Engine:
                cut_on_shift: bool = False) -> Iterator[Event]:
         """Yield an event per round (plus config/updater/pause events) for one prompt. in_run:
         a Driver runs it (its stop request stands; cut_on_shift: a topic shift ends it)."""
-        require(_is_int(max_new_tokens) and max_new_tokens >= 1,
+        require(is_int(max_new_tokens) and max_new_tokens >= 1,
                 f"max_new_tokens must be a positive integer; got {max_new_tokens!r}")
         seq = self.encode(prompt)
         self.check_lengths(seq.numel(), max_new_tokens)

@@ -95,7 +95,7 @@ def test_sampling_never_shares_and_controls(llama_pair):
         if ev.kind == "done":
             seen.append((ci, ev.data["prompt_index"]))
             if len(seen) == 1:
-                runner.shift_topic()
+                runner.control.shift_topic()
     assert seen == [(0, 0), (1, 0), (0, 2), (1, 2)]
 
 

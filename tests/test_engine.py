@@ -59,19 +59,19 @@ def test_requests_apply_between_rounds(llama_pair):
 
 def test_pause_step_resume_stop_from_another_thread(llama_pair):
     eng = osc.Engine(llama_pair, k=2)
-    eng.pause()
+    eng.control.pause()
     events: list = []
     th = threading.Thread(target=lambda: events.extend(eng.stream("abc", max_new_tokens=200)))
     th.start()
     _wait(lambda: any(e.kind == "paused" for e in events))
     assert not any(e.kind == "round" for e in events)
-    eng.step()
+    eng.control.step()
     _wait(lambda: sum(e.kind == "round" for e in events) == 1)
     _wait(lambda: sum(e.kind == "paused" for e in events) == 2)
     assert sum(e.kind == "round" for e in events) == 1  # exactly one round per step
-    eng.resume()
+    eng.control.resume()
     _wait(lambda: sum(e.kind == "round" for e in events) >= 3)
-    eng.stop()
+    eng.control.stop()
     th.join(10)
     assert not th.is_alive()
     assert events[-1].kind == "stopped"
@@ -96,7 +96,7 @@ def test_run_stream_and_shift_topic(llama_pair):
         if ev.kind == "round":
             topics.append(ev.round.topic)
             if ev.round.topic == "code" and len(topics) == 1:
-                eng.shift_topic()
+                eng.control.shift_topic()
     assert topics[0] == "code" and "math" in topics and "sql" in topics
     assert topics.count("code") == 1  # the rest of the code topic was skipped
     # a later generate is not affected by the consumed shift request

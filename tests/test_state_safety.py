@@ -314,10 +314,10 @@ def test_save_waits_with_a_timeout_and_works_from_the_consumer(tmp_path, llama_p
 
 def test_save_while_paused(tmp_path, llama_pair):
     eng = osc.Engine(llama_pair, k=2)
-    eng.pause()
+    eng.control.pause()
     th, box = _run_in_thread(eng, "def add(a, b):", 20)
     _wait_running(eng)
     assert eng.save_state(tmp_path / "p", timeout=30).is_dir()  # drained by the pause loop
-    eng.resume()
+    eng.control.resume()
     th.join()
     assert "err" not in box and len(box["out"].token_ids) == 20

@@ -9,7 +9,7 @@ the feature at t with the token at t+1.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,13 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..errors import OnlineSpecError
 from ..fast import full_cache
 from ..feedback import Round
 from ..sampling import SamplingConfig, logits_to_probs, sample
 from .base import Proposal, crop_cache
-from .features import (FeatureDraft, FeatureSeq, Record, family_body, load_weights, plain,
-                       read_head_config, run_body, saved_head_options, tail_features)
+from .features import (FeatureDraft, FeatureSeq, Record, family_body, load_head, plain, subset,
+                       run_body, tail_features)
 
 
 @dataclass
@@ -188,46 +187,8 @@ class EagleDraft(FeatureDraft):
                                                      "top1": acc.item()}
 
 
-RUNTIME = {"train_window", "max_records"}
-
-
-def subset(n: int, k: int | None, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """Indices of k random rows out of n (all rows when k is None or >= n)."""
-    if k is None or k >= n:
-        return torch.arange(n, device=device)
-    return torch.randperm(n, generator=generator)[:k].to(device)
-
-
-def _config(kind: str, cls: type, saved: dict[str, Any], kw: dict[str, Any]):
-    names = {f.name for f in fields(cls)}
-    bad = sorted(set(kw) - names)
-    if bad:
-        raise OnlineSpecError(f"unknown {kind} draft option(s) {bad}; valid: {', '.join(sorted(names))}")
-    keep = names - RUNTIME  # a saved head fixes its architecture, not these runtime knobs
-    return cls(**{**{k: v for k, v in saved.items() if k in keep}, **kw})
-
-
-def build_module(cls: type, target: PreTrainedModel, cfg: Any, device: Any, dtype: Any,
-                 trust_remote_code: bool) -> nn.Module:
-    from ..models import parse_dtype
-    dt = parse_dtype(dtype)
-    dt = torch.float32 if dt in (None, "auto") else dt
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        module = cls(target.config, cfg, trust_remote_code)
-    return module.to(device=device, dtype=dt)
-
-
 def load_eagle_draft(target: PreTrainedModel, source: Any, tokenizer: Any, device: Any = "cpu",
                      dtype: Any = "float32", trust_remote_code: bool = False, **kw: Any) -> EagleDraft:
     """source None -> a freshly initialised head for this target; a directory -> draft.save's output."""
-    saved = saved_head_options(source, "eagle", target)
-    cfg = _config("eagle", EagleConfig, saved, kw)
-    module = build_module(EagleHead, target, cfg, device, dtype, trust_remote_code)
-    if source is not None:
-        load_weights(module, source)
-    module.eval().requires_grad_(True)
-    draft = EagleDraft(target, module, cfg)
-    if source is not None:
-        draft.set_vocab(read_head_config(source, "eagle").get("vocab_ids"))  # reduced vocabulary, if saved
-    return draft
+    return load_head("eagle", EagleDraft, EagleConfig, EagleHead, target, source, device, dtype,
+                     trust_remote_code, kw)

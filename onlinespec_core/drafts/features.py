@@ -361,3 +361,52 @@ def saved_head_options(source: Any, kind: str, target: PreTrainedModel) -> dict[
     info = read_head_config(source, kind)
     check_target(info, target, source)
     return info.get("head", {})
+
+
+RUNTIME = {"train_window", "max_records"}
+
+
+def subset(n: int, k: int | None, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Indices of k random rows out of n (all rows when k is None or >= n)."""
+    if k is None or k >= n:
+        return torch.arange(n, device=device)
+    return torch.randperm(n, generator=generator)[:k].to(device)
+
+
+def head_config(kind: str, cls: type, saved: dict[str, Any], kw: dict[str, Any]):
+    """The head's config: saved architecture fields, then the caller's options (checked)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(kw) - names)
+    if bad:
+        raise OnlineSpecError(f"unknown {kind} draft option(s) {bad}; valid: {', '.join(sorted(names))}")
+    keep = names - RUNTIME  # a saved head fixes its architecture, not these runtime knobs
+    return cls(**{**{k: v for k, v in saved.items() if k in keep}, **kw})
+
+
+def build_module(cls: type, target: PreTrainedModel, cfg: Any, device: Any, dtype: Any,
+                 trust_remote_code: bool) -> nn.Module:
+    from ..models import parse_dtype
+    dt = parse_dtype(dtype)
+    dt = torch.float32 if dt in (None, "auto") else dt
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        module = cls(target.config, cfg, trust_remote_code)
+    return module.to(device=device, dtype=dt)
+
+
+def load_head(kind: str, draft_cls: type, cfg_cls: type, module_cls: type, target: PreTrainedModel,
+              source: Any, device: Any, dtype: Any, trust_remote_code: bool, kw: dict[str, Any]) -> Any:
+    """A feature draft: a fresh head for this target (source None) or draft.save's output."""
+    saved = saved_head_options(source, kind, target)
+    cfg = head_config(kind, cfg_cls, saved, kw)
+    check = getattr(cfg, "validate", None)
+    if callable(check):
+        check()
+    module = build_module(module_cls, target, cfg, device, dtype, trust_remote_code)
+    if source is not None:
+        load_weights(module, source)
+    module.eval().requires_grad_(True)
+    draft = draft_cls(target, module, cfg)
+    if source is not None:
+        draft.set_vocab(read_head_config(source, kind).get("vocab_ids"))  # reduced vocabulary, if saved
+    return draft

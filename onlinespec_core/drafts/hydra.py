@@ -22,9 +22,8 @@ from ..fast import full_cache
 from ..feedback import Round
 from ..sampling import SamplingConfig, logits_to_probs, sample
 from .base import Proposal, crop_cache
-from .eagle import _config, build_module, subset
-from .features import (FeatureDraft, FeatureSeq, Record, family_body, load_weights, plain,
-                       read_head_config, run_body, saved_head_options, tail_features)
+from .features import (FeatureDraft, FeatureSeq, Record, family_body, load_head, plain, subset,
+                       run_body, tail_features)
 
 
 @dataclass
@@ -35,6 +34,10 @@ class HydraConfig:
     train_window: int = 512  # features re-read by train_logits when prefix=True
     max_records: int = 1024  # proposals remembered for train_logits (older ones: re-read the tail)
     seed: int = 0
+
+    def validate(self) -> None:
+        if self.n_heads < 1:
+            raise OnlineSpecError(f"n_heads must be >= 1, got {self.n_heads}")
 
 
 class ResBlock(nn.Module):
@@ -228,15 +231,5 @@ class HydraDraft(FeatureDraft):
 def load_hydra_draft(target: PreTrainedModel, source: Any, tokenizer: Any, device: Any = "cpu",
                      dtype: Any = "float32", trust_remote_code: bool = False, **kw: Any) -> HydraDraft:
     """source None -> freshly initialised heads for this target; a directory -> draft.save's output."""
-    saved = saved_head_options(source, "hydra", target)
-    cfg = _config("hydra", HydraConfig, saved, kw)
-    if cfg.n_heads < 1:
-        raise OnlineSpecError(f"n_heads must be >= 1, got {cfg.n_heads}")
-    module = build_module(HydraHeads, target, cfg, device, dtype, trust_remote_code)
-    if source is not None:
-        load_weights(module, source)
-    module.eval().requires_grad_(True)
-    draft = HydraDraft(target, module, cfg)
-    if source is not None:
-        draft.set_vocab(read_head_config(source, "hydra").get("vocab_ids"))  # reduced vocabulary, if saved
-    return draft
+    return load_head("hydra", HydraDraft, HydraConfig, HydraHeads, target, source, device, dtype,
+                     trust_remote_code, kw)
