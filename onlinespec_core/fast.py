@@ -51,9 +51,19 @@ def fast_supported(model: PreTrainedModel) -> bool:
 # plain read of them); MKL's sgemm at 2-9 rows runs well below that bandwidth.
 _GEMM_SRC = r"""
 #include <immintrin.h>
+#include <cmath>
 #include <cstdint>
+// flush-to-zero + denormals-are-zero inside each call, restored on return: a denormal operand
+// or result (tiny attention weights, silu far below 0) costs a microcode assist of ~100+ cycles
+// (measured: attention in the demo forward 60 -> 13 us a layer); they are below 1.2e-38, so
+// flushing them changes no normal-range result
+struct Ftz {
+    unsigned int csr;
+    Ftz() : csr(_mm_getcsr()) { _mm_setcsr(csr | 0x8040); }
+    ~Ftz() { _mm_setcsr(csr); }
+};
 // NV 16-float vectors of one 64-column block (row stride 64 floats), MR rows of x
-template <int MR, int NV>
+template <int MR, int NV, bool PF = true>
 static inline void block(const float* x, int64_t K, const float* w, float* y, int64_t ldy,
                          int64_t ncols, const float* bias) {
     __m512 acc[MR][NV];
@@ -63,7 +73,7 @@ static inline void block(const float* x, int64_t K, const float* w, float* y, in
         const float* wk = w + k * 64;
         __m512 wv[NV];
         for (int j = 0; j < NV; ++j) {
-            _mm_prefetch((const char*)(wk + 2048 + 16 * j), _MM_HINT_T0);
+            if (PF) _mm_prefetch((const char*)(wk + 2048 + 16 * j), _MM_HINT_T0);
             wv[j] = _mm512_loadu_ps(wk + 16 * j);
         }
         for (int m = 0; m < MR; ++m) {
@@ -84,6 +94,7 @@ static inline void block(const float* x, int64_t K, const float* w, float* y, in
 #define CASE(R, NV) case R: block<R, NV>(xm, K, w, ym, N, nc, bb); break;
 extern "C" void os_gemm(const float* x, int64_t M, int64_t K, const float* wp, int64_t N,
                         const float* bias, float* y) {
+    Ftz ftz;
     int64_t NB = (N + 63) / 64;
     for (int64_t nb = 0; nb < NB; ++nb) {
         int64_t ncols = N - nb * 64 < 64 ? N - nb * 64 : 64;
@@ -114,6 +125,7 @@ extern "C" void os_gemm(const float* x, int64_t M, int64_t K, const float* wp, i
 // order differs (16 lanes, then the lanes in order)
 extern "C" void os_rms_norm(const float* x, const float* w, float* y, int64_t n, int64_t h,
                             float eps) {
+    Ftz ftz;
     for (int64_t i = 0; i < n; ++i) {
         const float* xi = x + i * h;
         float* yi = y + i * h;
@@ -142,22 +154,146 @@ static inline void rot(const float* x, const float* c, const float* s, float* o,
 extern "C" void os_rope_kv(const float* q, int64_t qs, const float* k, int64_t ks,
                            const float* v, int64_t vs, int64_t n, int64_t hq, int64_t hkv,
                            int64_t d, const float* cos, const float* sin, float* qo, float* kc,
-                           float* vc, int64_t cap, int64_t start) {
+                           float* vc, int64_t cap, int64_t start, float* kb) {
+    Ftz ftz;
     for (int64_t i = 0; i < n; ++i) {
         const float* c = cos + i * d;
         const float* s = sin + i * d;
         for (int64_t h = 0; h < hq; ++h) rot(q + i * qs + h * d, c, s, qo + (h * n + i) * d, d);
         for (int64_t h = 0; h < hkv; ++h) {
-            rot(k + i * ks + h * d, c, s, kc + (h * cap + start + i) * d, d);
+            int64_t t = start + i;
+            float* ko = kc + (h * cap + t) * d;
+            rot(k + i * ks + h * d, c, s, ko, d);
+            if (kb) {  // K^T in the GEMM's blocked layout: kb[h][t / 64][j][t % 64]
+                float* kbt = kb + ((h * (cap / 64) + t / 64) * d) * 64 + t % 64;
+                for (int64_t j = 0; j < d; ++j) kbt[j * 64] = ko[j];
+            }
             const float* vi = v + i * vs + h * d;
-            float* vo = vc + (h * cap + start + i) * d;
+            float* vo = vc + (h * cap + t) * d;
             for (int64_t j = 0; j < d; ++j) vo[j] = vi[j];
+        }
+    }
+}
+static inline __m512 exp512(__m512 x) {  // Cephes expf: ~1 ulp on [-88, 88]
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, fx);
+}
+// sum_t p[r][t] v[t] for MR rows of p (row stride ldp), t < L; v rows of d = 16 DV floats
+template <int MR, int DV>
+static inline void pv(const float* p, int64_t ldp, const float* v, int64_t d, int64_t L,
+                      const float* inv, float* out, const int64_t* orow) {
+    __m512 acc[MR][DV];
+    for (int m = 0; m < MR; ++m)
+        for (int j = 0; j < DV; ++j) acc[m][j] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < L; ++t) {
+        __m512 vv[DV];
+        for (int j = 0; j < DV; ++j) vv[j] = _mm512_loadu_ps(v + t * d + 16 * j);
+        for (int m = 0; m < MR; ++m) {
+            __m512 pb = _mm512_set1_ps(p[m * ldp + t]);
+            for (int j = 0; j < DV; ++j) acc[m][j] = _mm512_fmadd_ps(pb, vv[j], acc[m][j]);
+        }
+    }
+    for (int m = 0; m < MR; ++m) {
+        __m512 s = _mm512_set1_ps(inv[m]);
+        for (int j = 0; j < DV; ++j) _mm512_storeu_ps(out + orow[m] + 16 * j, _mm512_mul_ps(acc[m][j], s));
+    }
+}
+// Causal attention of n new queries q [hq, n, d] (query i at position start + i sees keys
+// 0..start+i) over the cache: kb = K^T blocked [hkv][cap/64][d][64], vc [hkv, cap, d].
+// out [n, hq * d] (the o-projection's input). s: scratch of G n ceil(L / 64) 64 floats.
+// softmax(q.k * scale) with the row max subtracted; d % 16 == 0, d <= 128.
+extern "C" void os_attn(const float* q, int64_t n, int64_t hq, int64_t hkv, int64_t d,
+                        const float* kb, const float* vc, int64_t cap, int64_t start,
+                        float scale, float* out, float* s) {
+    Ftz ftz;
+    int64_t G = hq / hkv, L = start + n, R = G * n, NB = (L + 63) / 64, ld = NB * 64;
+    int64_t orow[6];
+    float inv[6];
+    for (int64_t g = 0; g < hkv; ++g) {
+        const float* Q = q + g * R * d;  // heads g G .. g G + G - 1: R rows of d
+        const float* Kb = kb + g * (cap / 64) * d * 64;
+        const float* V = vc + g * cap * d;
+        for (int64_t nb = 0; nb < NB; ++nb) {  // s[r][t] = q_r . k_t for every t < L
+            int64_t nc = L - nb * 64 < 64 ? L - nb * 64 : 64;
+            const float* w = Kb + nb * d * 64;
+            for (int64_t m = 0; m < R;) {
+                const float* xm = Q + m * d; float* ym = s + m * ld + nb * 64;
+                switch (R - m >= 6 ? 6 : R - m) {
+                    case 6: block<6, 4, false>(xm, d, w, ym, ld, nc, nullptr); m += 6; break;
+                    case 5: block<5, 4, false>(xm, d, w, ym, ld, nc, nullptr); m += 5; break;
+                    case 4: block<4, 4, false>(xm, d, w, ym, ld, nc, nullptr); m += 4; break;
+                    case 3: block<3, 4, false>(xm, d, w, ym, ld, nc, nullptr); m += 3; break;
+                    case 2: block<2, 4, false>(xm, d, w, ym, ld, nc, nullptr); m += 2; break;
+                    default: block<1, 4, false>(xm, d, w, ym, ld, nc, nullptr); m += 1; break;
+                }
+            }
+        }
+        for (int64_t r = 0; r < R; ++r) {  // p = exp(s scale - max) on t < start + i + 1, 0 after
+            float* sr = s + r * ld;
+            int64_t Li = start + r % n + 1;
+            __m512 sc = _mm512_set1_ps(scale), mx = _mm512_set1_ps(-INFINITY);
+            for (int64_t t = 0; t < Li; t += 16) {
+                __mmask16 mk = Li - t >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (Li - t)) - 1u);
+                __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, sr + t), sc);
+                _mm512_mask_storeu_ps(sr + t, mk, x);
+                mx = _mm512_mask_max_ps(mx, mk, mx, x);
+            }
+            __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+            for (int64_t t = 0; t < ld; t += 16) {
+                __mmask16 mk = t >= Li ? (__mmask16)0 : (Li - t >= 16 ? (__mmask16)0xFFFF
+                                                          : (__mmask16)((1u << (Li - t)) - 1u));
+                __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sr + t), m));
+                _mm512_storeu_ps(sr + t, _mm512_maskz_mov_ps(mk, e));
+            }
+        }
+        for (int64_t m = 0; m < R;) {  // out = p v / sum p
+            int64_t mr = R - m >= 6 ? 6 : R - m;
+            if (d > 64 && mr > 3) mr = 3;
+            for (int64_t x = 0; x < mr; ++x) {
+                int64_t r = m + x, h = g * G + r / n, i = r % n;
+                orow[x] = i * hq * d + h * d;
+                const float* sr = s + r * ld;
+                __m512 acc = _mm512_setzero_ps();
+                for (int64_t t = 0; t < ld; t += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(sr + t));
+                inv[x] = 1.0f / _mm512_reduce_add_ps(acc);
+            }
+            const float* pr = s + m * ld;
+            int64_t Lm = L;
+            if (d == 16) {
+                switch (mr) { case 6: pv<6, 1>(pr, ld, V, d, Lm, inv, out, orow); break; case 5: pv<5, 1>(pr, ld, V, d, Lm, inv, out, orow); break;
+                              case 4: pv<4, 1>(pr, ld, V, d, Lm, inv, out, orow); break; case 3: pv<3, 1>(pr, ld, V, d, Lm, inv, out, orow); break;
+                              case 2: pv<2, 1>(pr, ld, V, d, Lm, inv, out, orow); break; default: pv<1, 1>(pr, ld, V, d, Lm, inv, out, orow); }
+            } else if (d == 32) {
+                switch (mr) { case 6: pv<6, 2>(pr, ld, V, d, Lm, inv, out, orow); break; case 5: pv<5, 2>(pr, ld, V, d, Lm, inv, out, orow); break;
+                              case 4: pv<4, 2>(pr, ld, V, d, Lm, inv, out, orow); break; case 3: pv<3, 2>(pr, ld, V, d, Lm, inv, out, orow); break;
+                              case 2: pv<2, 2>(pr, ld, V, d, Lm, inv, out, orow); break; default: pv<1, 2>(pr, ld, V, d, Lm, inv, out, orow); }
+            } else if (d == 64) {
+                switch (mr) { case 6: pv<6, 4>(pr, ld, V, d, Lm, inv, out, orow); break; case 5: pv<5, 4>(pr, ld, V, d, Lm, inv, out, orow); break;
+                              case 4: pv<4, 4>(pr, ld, V, d, Lm, inv, out, orow); break; case 3: pv<3, 4>(pr, ld, V, d, Lm, inv, out, orow); break;
+                              case 2: pv<2, 4>(pr, ld, V, d, Lm, inv, out, orow); break; default: pv<1, 4>(pr, ld, V, d, Lm, inv, out, orow); }
+            } else {
+                switch (mr) { case 3: pv<3, 8>(pr, ld, V, d, Lm, inv, out, orow); break;
+                              case 2: pv<2, 8>(pr, ld, V, d, Lm, inv, out, orow); break; default: pv<1, 8>(pr, ld, V, d, Lm, inv, out, orow); }
+            }
+            m += mr;
         }
     }
 }
 """
 _gemm_lib: list = []  # [ctypes function or None] once tried
 GEMM_MAX_ROWS = 16  # more rows (a prompt): MKL's GEMM, compute-bound there
+ATTN_MAX_ROWS = 16  # more new tokens (a prompt): SDPA reads the same cache
 
 
 def _cache_dir() -> Path:
@@ -173,8 +309,10 @@ class _Kernels:
         self.rms_norm = lib.os_rms_norm
         self.rms_norm.argtypes = [P, P, P, I, I, ctypes.c_float]
         self.rope_kv = lib.os_rope_kv
-        self.rope_kv.argtypes = [P, I, P, I, P, I, I, I, I, I, P, P, P, P, P, I, I]
-        for f in (self.gemm, self.rms_norm, self.rope_kv):
+        self.rope_kv.argtypes = [P, I, P, I, P, I, I, I, I, I, P, P, P, P, P, I, I, P]
+        self.attn = lib.os_attn
+        self.attn.argtypes = [P, I, I, I, I, P, P, I, I, ctypes.c_float, P, P]
+        for f in (self.gemm, self.rms_norm, self.rope_kv, self.attn):
             f.restype = None
 
 
@@ -256,9 +394,21 @@ def _self_check(ks: _Kernels) -> bool:
     kc, vc = torch.zeros(hkv, 6, d), torch.zeros(hkv, 6, d)
     qo = _rope_kv_k(ks, qkv, hq, hkv, d, cos, sin, kc, vc, 2)
     q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
-    return (torch.equal(qo, rotate(q.reshape(n, hq, d).transpose(0, 1), cos, sin))
+    if not (torch.equal(qo, rotate(q.reshape(n, hq, d).transpose(0, 1), cos, sin))
             and torch.equal(kc[:, 2:5], rotate(k.reshape(n, hkv, d).transpose(0, 1), cos, sin))
-            and torch.equal(vc[:, 2:5], v.reshape(n, hkv, d).transpose(0, 1)))
+            and torch.equal(vc[:, 2:5], v.reshape(n, hkv, d).transpose(0, 1))):
+        return False
+    for hq, hkv, d, start, n in ((4, 2, 16, 70, 3), (2, 1, 64, 0, 5), (2, 2, 128, 5, 1)):
+        kc, vc = torch.randn(hkv, 128, d, generator=g), torch.randn(hkv, 128, d, generator=g)
+        kb = kc.view(hkv, 2, 64, d).transpose(2, 3).contiguous()
+        q = torch.randn(hq, n, d, generator=g)
+        L = start + n
+        mask = torch.ones(n, L, dtype=torch.bool).tril(diagonal=start)
+        ref = F.scaled_dot_product_attention(q[None], kc[None, :, :L], vc[None, :, :L], attn_mask=mask,
+                                             scale=d ** -0.5, enable_gqa=True)[0].transpose(0, 1).reshape(n, -1)
+        if not torch.allclose(_attn_k(ks, q, kb, vc, start, d ** -0.5), ref, rtol=1e-4, atol=1e-5):
+            return False
+    return True
 
 
 def _rms_norm_k(ks: _Kernels, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -269,9 +419,11 @@ def _rms_norm_k(ks: _Kernels, x: torch.Tensor, w: torch.Tensor, eps: float) -> t
 
 def _rope_kv_k(ks: _Kernels, qkv: torch.Tensor, hq: int, hkv: int, d: int, cos: torch.Tensor,
                sin: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, start: int,
-               k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> torch.Tensor:
+               k: torch.Tensor | None = None, v: torch.Tensor | None = None,
+               kb: torch.Tensor | None = None) -> torch.Tensor:
     """qkv [n, (hq + 2 hkv) d] (or q [n, hq d] with k, v [n, hkv d]), all row-contiguous ->
-    rotated q [hq, n, d]; rotated k and v written to rows start.. of kc, vc [hkv, cap, d]."""
+    rotated q [hq, n, d]; rotated k and v written to rows start.. of kc, vc [hkv, cap, d] (and
+    k to kb, the blocked K^T [hkv, cap / 64, d, 64] the attention kernel reads, when given)."""
     n = qkv.shape[0]
     qo = qkv.new_empty(hq, n, d)
     es = qkv.element_size()
@@ -283,8 +435,23 @@ def _rope_kv_k(ks: _Kernels, qkv: torch.Tensor, hq: int, hkv: int, d: int, cos: 
         st, qp = qkv.stride(0), qkv.data_ptr()
         kp, kst, vp, vst = k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0)
     ks.rope_kv(qp, st, kp, kst, vp, vst, n, hq, hkv, d, cos.data_ptr(), sin.data_ptr(),
-               qo.data_ptr(), kc.data_ptr(), vc.data_ptr(), kc.shape[1], start)
+               qo.data_ptr(), kc.data_ptr(), vc.data_ptr(), kc.shape[1], start,
+               None if kb is None else kb.data_ptr())
     return qo
+
+
+def _attn_k(ks: _Kernels, q: torch.Tensor, kb: torch.Tensor, vc: torch.Tensor, start: int,
+            scale: float) -> torch.Tensor:
+    """Causal attention of q [hq, n, d] (positions start..) over rows < start + n of the cache
+    (kb blocked K^T, vc [hkv, cap, d]) -> [n, hq d]."""
+    hq, n, d = q.shape
+    hkv, cap = vc.shape[0], vc.shape[1]
+    L = start + n
+    out = q.new_empty(n, hq * d)
+    scratch = q.new_empty((hq // hkv) * n * ((L + 63) // 64) * 64)
+    ks.attn(q.data_ptr(), n, hq, hkv, d, kb.data_ptr(), vc.data_ptr(), cap, start, scale,
+            out.data_ptr(), scratch.data_ptr())
+    return out
 
 
 class PackedLinear:
@@ -349,6 +516,23 @@ class KVCache:
         self.length = 0
         self.k = [torch.empty(n_kv, capacity, head_dim, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.empty_like(t) for t in self.k]
+        # the attention kernel's copy of K, transposed in 64-key blocks [H_kv, cap/64, D, 64];
+        # made by the first kernel-path forward of a fresh cache, kept while every write is one
+        self.kb: list[torch.Tensor] | None = None
+        self.kb_ok = True
+
+    def blocked(self) -> list[torch.Tensor] | None:
+        """The blocked K^T buffers, or None once a row was written without them."""
+        if self.kb is None:
+            if self.length > 0 or not self.kb_ok:
+                self.kb_ok = False
+                return None
+            cap = -(-self.capacity // 64) * 64
+            if cap != self.capacity:  # nothing held yet: re-make at a multiple of 64
+                self.k = [t.new_empty(t.shape[0], cap, t.shape[2]) for t in self.k]
+                self.v = [torch.empty_like(t) for t in self.k]
+            self.kb = [t.new_empty(t.shape[0], cap // 64, t.shape[2], 64) for t in self.k]
+        return self.kb if self.kb_ok else None
 
     @property
     def capacity(self) -> int:
@@ -365,6 +549,12 @@ class KVCache:
         if total <= self.capacity:
             return
         cap = max(total, 2 * self.capacity)
+        if self.kb is not None:
+            cap = -(-cap // 64) * 64
+            for i, t in enumerate(self.kb):
+                new = t.new_empty(t.shape[0], cap // 64, t.shape[2], 64)
+                new[:, : t.shape[1]] = t
+                self.kb[i] = new
         for buf in (self.k, self.v):
             for i, t in enumerate(buf):
                 new = t.new_empty(t.shape[0], cap, t.shape[2])
@@ -373,6 +563,7 @@ class KVCache:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v [H_kv, n, D] at positions length..length+n-1 -> views of all held keys/values."""
+        self.kb_ok = False  # (the kernel path writes through _rope_kv_k, this one skips kb)
         end = self.length + k.shape[1]
         self.k[layer][:, self.length:end] = k
         self.v[layer][:, self.length:end] = v
@@ -521,14 +712,22 @@ class LeanLM:
         else:
             norm = lambda t, w: rms_norm(t, w, self.eps)  # noqa: E731
         hq, hkv, d = self.n_heads, self.n_kv, self.head_dim
+        kb = (cache.blocked() if ks_ is not None and d % 16 == 0 and d <= 128 and hq % hkv == 0
+              else None)
         for li, lay in enumerate(self.layers):
             h = norm(x, lay.in_norm)
             if ks_ is not None:
+                kbl = None if kb is None else kb[li]
                 if len(lay.qkv) == 1:
-                    q = _rope_kv_k(ks_, lay.qkv[0](h), hq, hkv, d, cos, sin, cache.k[li], cache.v[li], start)
+                    q = _rope_kv_k(ks_, lay.qkv[0](h), hq, hkv, d, cos, sin, cache.k[li], cache.v[li],
+                                   start, kb=kbl)
                 else:
                     q, k, v = (f(h).contiguous() for f in lay.qkv)
-                    q = _rope_kv_k(ks_, q, hq, hkv, d, cos, sin, cache.k[li], cache.v[li], start, k, v)
+                    q = _rope_kv_k(ks_, q, hq, hkv, d, cos, sin, cache.k[li], cache.v[li], start, k, v, kbl)
+                if kbl is not None and n <= ATTN_MAX_ROWS:
+                    x = x + lay.o(_attn_k(ks_, q, kbl, cache.v[li], start, self.scale))
+                    x = x + self._mlp(lay, norm(x, lay.post_norm))
+                    continue
                 ks, vs = cache.k[li][:, :start + n], cache.v[li][:, :start + n]
             else:
                 q, k, v = self._qkv(lay, h)
