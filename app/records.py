@@ -6,7 +6,6 @@ the same tokens, so topic changes and prompts line up across configurations.
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from onlinespec_core.metrics import Metrics
+from onlinespec_core.options import dumps
 from onlinespec_core.updaters.base import UpdaterSnapshot
 
 ROLL = 32  # rounds in the rolling windows (tau, loss, tokens/s)
@@ -256,12 +256,8 @@ class RunLog:
                "summary": self.summary(), "topics": self.topics, "updater_switches": self.switches,
                "shared_target": self.share, "ui_max_stall_ms": self.max_stall_ms,
                "rounds": [r for s in self.series for r in s.rows]}
-        path.write_text(json.dumps(obj, indent=1, default=_nan_none), encoding="utf-8")
+        path.write_text(dumps(obj, indent=1), encoding="utf-8")
         return path
-
-
-def _nan_none(o: Any) -> Any:
-    return None
 
 
 def _finite(v: float | None) -> float | None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import statistics
 import sys
 import time
@@ -40,7 +39,7 @@ import torch
 
 from .errors import require
 from .sampling import SamplingConfig
-from .options import DecodeSettings, parse_options, parse_scoped_options
+from .options import DecodeSettings, dumps, parse_options, parse_scoped_options
 from .runner import add_pair_args, load_items, load_pair_from_args, machine_info
 
 COST_K = "+cost_k"  # method suffix: the updater with EngineConfig.cost_k
@@ -668,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.costs == "only":
             if args.json:
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.json).write_text(json.dumps({"costs": costs, "machine": machine_info()}, indent=2))
+                Path(args.json).write_text(dumps({"costs": costs, "machine": machine_info()}))
             return 0
     report = run_bench(pair, items, cfg, log=log)
     report["costs"] = costs
@@ -680,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     report["command"] = "onlinespec bench " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        Path(args.json).write_text(dumps(report))
     if args.table:
         print(markdown_tables(report))
         if report["sampling"]:

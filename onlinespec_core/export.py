@@ -14,11 +14,8 @@ from typing import Any
 
 from .atomic import write_dir_atomically
 from .errors import require
-from .state import DRAFT, META, SavedState, load_weights, read_state
+from .state import DRAFT, META, load_weights, read_state
 
-
-def _atomic_dir(out_dir: str | os.PathLike, write: Any) -> Path:
-    return write_dir_atomically(out_dir, write, kind="export")
 
 PROVENANCE = "onlinespec_export.json"
 
@@ -34,17 +31,13 @@ def _save_tokenizer(base: str | None, tokenizer: Any, tmp: Path) -> None:
 READ_FIX = "pass the folder engine.save_state(path) wrote (it holds state.json and draft.safetensors)"
 
 
-def _read_state(state_dir: Path) -> SavedState:
-    return read_state(state_dir, (META, DRAFT), READ_FIX)
-
-
 def export_draft(state_dir: str | os.PathLike, out_dir: str | os.PathLike, base: str | None = None,
                  dtype: str = "float32") -> Path:
     """Evolved lm draft of a saved state -> HF model dir. base: the draft the run started from
     (config + tokenizer); default: the one recorded in the state, or the demo draft."""
     from .models import DEMO_DIR, load_causal_lm
     state_dir = Path(state_dir)
-    saved = _read_state(state_dir)
+    saved = read_state(state_dir, (META, DRAFT), READ_FIX)  # the weights only: no RNG/updater needed
     meta = saved.meta
     kind = meta.get("draft_kind")
     require(kind == "lm", f"the saved draft is an {kind!r} head, not a causal LM: only 'lm' drafts export as "
@@ -64,7 +57,7 @@ def export_draft(state_dir: str | os.PathLike, out_dir: str | os.PathLike, base:
         info = {"base": str(base), "state": str(state_dir), "round_index": meta.get("round_index"),
                 "updater": meta.get("updater", {}).get("name"), "tau": meta.get("metrics", {}).get("tau")}
         (tmp / PROVENANCE).write_text(json.dumps(info, indent=2))
-    return _atomic_dir(out_dir, write)
+    return write_dir_atomically(out_dir, write, kind="export")
 
 
 def export_engine_draft(engine: Any, out_dir: str | os.PathLike, timeout: float | None = 60.0) -> Path:
@@ -73,7 +66,7 @@ def export_engine_draft(engine: Any, out_dir: str | os.PathLike, timeout: float 
 
     def now() -> Path:  # between rounds when a generate runs in another thread
         engine.updater.detach()  # the deployed weights are in draft.module
-        return _atomic_dir(out_dir, write)
+        return write_dir_atomically(out_dir, write, kind="export")
 
     def write(tmp: Path) -> None:
         if engine.draft.kind == "lm":
@@ -84,7 +77,7 @@ def export_engine_draft(engine: Any, out_dir: str | os.PathLike, timeout: float 
         info = {"base": engine.pair.draft_source, "round_index": engine.round_index,
                 "updater": engine.updater_name, "tau": engine.metrics.tau}
         (tmp / PROVENANCE).write_text(json.dumps(info, indent=2))
-    return engine._call(now, timeout) if hasattr(engine, "_call") else now()
+    return engine._call(now, timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

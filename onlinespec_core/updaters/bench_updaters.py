@@ -81,8 +81,7 @@ def run_one(load: Callable[[], Any], spec: str, items: list[Any], cfg: ShiftBenc
         elif ev.kind == "topic" and ev.data.get("prompt_index") == len(items) // 2:
             weights["A_end"] = eng.updater.stats().get("weights")
     elapsed = time.perf_counter() - t0
-    if hasattr(eng.updater, "flush"):
-        eng.updater.flush()
+    eng.updater.flush()  # chunk cadence: the last, partial chunk
     weights["B_end"] = eng.updater.stats().get("weights")
     a = [r for r in rounds if r.topic == topic_a]
     b = [r for r in rounds if r.topic != topic_a]
