@@ -295,3 +295,67 @@ def test_stale_context_read_keeps_absolute_positions(family_dirs):
         draft.reuse_cache = False
         torch.testing.assert_close(a, draft.train_logits(r), atol=1e-4, rtol=1e-4)
         draft.reuse_cache = True
+
+
+needs_kernels = pytest.mark.skipif(fast.kernels() is None,
+                                   reason="no compiled kernels here (no AVX-512 or no C++ compiler)")
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 9, 12, 13, 16])
+def test_few_row_gemm_matches_fp64(rows):
+    """The compiled GEMM (blocked weight, odd N and K, bias) against an fp64 reference, at the
+    error size of MKL's fp32 GEMMs (F.linear, as HF runs it, and x @ W^T)."""
+    g = torch.Generator().manual_seed(rows)
+    for n, k in ((640, 384), (100, 33), (7, 1152)):
+        w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+        lin = fast.PackedLinear(w, b)
+        assert lin.kernel is not None and lin._wt is None  # no W^T copy while the kernel serves
+        x = torch.randn(rows, k, generator=g)
+        ref = x.double() @ w.double().t() + b.double()
+        err = (lin(x).double() - ref).abs().max()
+        hf = (torch.nn.functional.linear(x, w, b).double() - ref).abs().max()  # what HF runs
+        mkl = ((x @ w.t().contiguous() + b).double() - ref).abs().max()  # MKL, W^T as B
+        assert err <= 3 * max(hf, mkl) + 1e-6
+        assert lin(x[None]).shape == (1, rows, n)  # HF's [1, n, H] activations
+    x.requires_grad_(True)
+    assert lin(x).requires_grad  # grad: the torch path
+
+
+@needs_kernels
+@pytest.mark.parametrize("start,n", [(0, 1), (0, 6), (63, 1), (64, 5), (150, 9), (10, 16)])
+def test_kernel_attention_matches_sdpa(start, n):
+    g = torch.Generator().manual_seed(start + n)
+    hq, hkv, d, cap = 6, 2, 64, 256
+    kc, vc = torch.randn(hkv, cap, d, generator=g), torch.randn(hkv, cap, d, generator=g)
+    kb = kc.view(hkv, cap // 64, 64, d).transpose(2, 3).contiguous()
+    q = torch.randn(hq, n, d, generator=g) * 4  # peaked weights: many tiny exp() terms
+    L = start + n
+    mask = torch.ones(n, L, dtype=torch.bool).tril(diagonal=start)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q[None].double(), kc[None, :, :L].double(), vc[None, :, :L].double(), attn_mask=mask,
+        scale=d ** -0.5, enable_gqa=True)[0].transpose(0, 1).reshape(n, -1)
+    out = fast._attn_k(fast.kernels(), q, kb, vc, start, d ** -0.5)
+    assert (out.double() - ref).abs().max() < 1e-5
+
+
+@needs_kernels
+def test_kernel_path_and_torch_path_agree_and_both_equal_hf(family_dirs, tokenizer, monkeypatch):
+    """Greedy output with the compiled kernels equals plain HF, and so does the fast path with
+    them off (the fallback every machine without AVX-512 or a compiler runs); the blocked-K
+    cache stays in step across crops and growth (a prompt past the initial capacity)."""
+    t, d = family_dirs["llama"]
+    ids = tokenizer(PROMPTS[2] * 4)["input_ids"]
+    ref = plain_greedy(t, ids, 24)
+    pair = osc.load_pair(target=str(t), draft=str(d))
+    lean = fast.lean_of(pair.target)
+    assert lean.layers[0].qkv[0].kernel is not None
+    assert osc.Engine(pair, k=3).generate(ids, 24).token_ids == ref
+    state_cache = lean.new_cache(capacity=8)
+    with torch.inference_mode():
+        lean.forward(torch.tensor(ids), state_cache, 1)
+    assert state_cache.kb_ok and state_cache.kb[0].shape[1] * 64 >= len(ids)
+    monkeypatch.setattr(fast, "_gemm_lib", [None])  # as if nothing compiled
+    pair2 = osc.load_pair(target=str(t), draft=str(d))
+    assert fast.lean_of(pair2.target).layers[0].qkv[0].kernel is None
+    assert osc.Engine(pair2, k=3).generate(ids, 24).token_ids == ref
