@@ -178,7 +178,9 @@ def cost_table(pair: ModelPair, prompts: list[list[int]], k: int = 4, reps: int 
                     raw_hf_gen.append(hf_generate_tokens_per_s(pair, prompts, max_new_tokens))
     finally:
         set_fast(pair, was)
-    out: dict[str, Any] = {"k": k, "reps": reps, "prompts": len(prompts), "max_new_tokens": max_new_tokens}
+    from . import fast
+    out: dict[str, Any] = {"k": k, "reps": reps, "prompts": len(prompts), "max_new_tokens": max_new_tokens,
+                           "kernels": fast.kernels() is not None, "threads": torch.get_num_threads()}
     for path in PATHS:
         if not raw[path]:
             continue
@@ -224,6 +226,9 @@ def format_cost_table(t: dict[str, Any]) -> str:
     lines += [f"{name:<{w}} | " + " | ".join(fn(t[p]) for p in paths) for name, fn in rows]
     if "hf_generate_tok_s" in t:
         lines.append(f"{'HF generate tok/s (plain)':<{w}} | {t['hf_generate_tok_s']:.1f}")
+    if "kernels" in t:
+        lines.append(f"{'fast path: compiled kernels / threads':<{w}} | "
+                     f"{'on' if t['kernels'] else 'off (torch ops)'} / {t['threads']}")
     for key, v in (t.get("ratios") or {}).items():
         if v is not None:
             lines.append(f"{key:<{w}} | {v:.2f}x")

@@ -1,13 +1,18 @@
 """The fast decode path (CPU): a KV cache whose crop is free, a lean forward for the Llama/Qwen2
-family that reads the HF weights, and MKL-packed weights for the frozen target's linears.
+family that reads the HF weights, and a few compiled fp32 kernels for the few-row steps.
 
 Why (measured on the demo pair, 1 thread): HF's eager forward spends ~1/3 of a decode step in
-Python wrappers (mask building, cache objects, module hooks), and MKL repacks B on every
-multi-row GEMM, so a 5-token verify cost ~1.5 decode steps. Here:
+Python wrappers (mask building, cache objects, module hooks), and MKL's fp32 GEMM runs well
+below the memory bandwidth at 2-9 rows, so a 5-token verify cost ~1.5 decode steps. Here:
   - KVCache: K/V preallocated per layer [H_kv, cap, D]; crop(-n) moves the end (no copy).
-  - LeanLM: y = lm_head(norm(x_L)), x_l = x + attn(norm(x)), x = x + mlp(norm(x)), written with
-    F.linear / SDPA only; q,k,v and gate,up fused for a frozen model (one GEMM each).
-  - PackedLinear: W^T stored contiguous once (x @ W^T): MKL never repacks B per call.
+  - LeanLM: y = lm_head(norm(x_L)), x_l = x + attn(norm(x)), x = x + mlp(norm(x)), in plain
+    torch; q,k,v and gate,up fused for a frozen model (one GEMM each).
+  - Compiled kernels (AVX-512, built once with the system C++ compiler, cached under
+    ~/.cache/onlinespec/kernels; ONLINESPEC_NO_KERNEL=1, no AVX-512 or no compiler -> torch):
+    PackedLinear's few-row GEMM on a blocked copy of W that streams it once for up to 6 rows
+    (a 5-row step costs about what one row does: both read the weights once), RMSNorm, RoPE +
+    the cache write, and the new tokens' causal attention (flush-to-zero inside each call).
+    Without them: x @ W^T with W^T stored contiguous (MKL never repacks B) and torch ops.
 Any other causal LM keeps HF's forward, with its nn.Linear / Conv1D layers packed in place and
 an all-full-attention DynamicCache (a sliding-window layer cannot roll back k tokens).
 Only on CPU: on CUDA the plain HF path runs.
