@@ -344,3 +344,54 @@ def test_optimistic_adam_preconditioned_step(rounds_and_pair, pair_dirs):
     for p, w, g in zip(params, w1, g1):  # t = 1: m^ = g, v^ = g^2, so d = g / (|g| + 1e-8) ~ sign(g)
         d = g / (g.abs() + 1e-8)
         torch.testing.assert_close(p.data, w - 2 * 1e-3 * d, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_optimistic_adam_matches_the_unfused_form(rounds_and_pair, pair_dirs):
+    """The fused path (one Adam kernel on a zeroed step buffer, clip folded into its grad scale)
+    takes the same steps as the explicit one (moments, direction, the two states, the anchor)."""
+    rounds, _ = rounds_and_pair
+
+    class Unfused(OptimisticUpdater):
+        fused = False
+
+    ups = []
+    for cls in (OptimisticUpdater, Unfused):
+        up = cls(every=2, batch=2, lr=1e-3, anchor=0.05)  # clip at the default max_grad_norm=1
+        up.attach(fresh_draft(pair_dirs))
+        for r in rounds[:8]:
+            up.observe(r)
+        ups.append(up)
+    fused, plain = ups
+    assert fused.fused and not plain.fused and fused.updates == plain.updates == 4
+    # atol: 1% of one step (lr = 1e-3); coordinates with |g| near Adam's eps round differently
+    for a, b in zip(fused.params + fused.shadow, plain.params + plain.shadow):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(fused.hint, plain.hint):  # the direction itself, |d| <= ~1
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-2)
+    for a, b in zip(fused.m + fused.v, plain.m + plain.v):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    for a, b in zip(fused.deployed(), fused.params):
+        torch.testing.assert_close(a, b.detach(), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_hydra_train_rows_match_train_logits(pair_dirs, prefix):
+    """HydraDraft.train_rows (every round's rows in one pass) gives the rows of train_logits, and
+    the batch losses an updater takes from it are the per-round losses."""
+    t, _ = pair_dirs["llama"]
+    pair = osc.load_pair(target=str(t), draft=None, draft_kind="hydra", prefix=prefix, n_heads=3)
+    eng = osc.Engine(pair, k=4, keep_distributions=True)
+    rounds = [r for r in eng.generate("def add(a, b):", max_new_tokens=32).rounds if r.k > 0]
+    draft = pair.draft
+    assert draft.batches_rounds and len(rounds) >= 4
+    for positions in ("path", "all"):
+        ms = [min(n_positions(r, positions), r.k) for r in rounds]
+        rows = draft.train_rows(rounds, ms)
+        ref = torch.cat([draft.train_logits(r)[:m] for r, m in zip(rounds, ms)])
+        torch.testing.assert_close(rows, ref, rtol=1e-4, atol=1e-4)
+    up = make_updater("ogd")
+    up.attach(draft)
+    with torch.no_grad():
+        got = up.batch_losses(rounds)
+        want = torch.stack([round_distill_loss(draft.train_logits(r), r) for r in rounds])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
