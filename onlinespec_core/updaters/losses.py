@@ -30,7 +30,7 @@ def n_positions(rnd: Round, positions: str = "path") -> int:
 def _finite_columns(draft_logits: torch.Tensor, target_logits: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop vocabulary columns the draft cannot emit (pad_vocab filled them with -inf)."""
-    if math.isfinite(float(draft_logits[0].sum())):  # one reduction: no inf column (the usual case)
+    if math.isfinite(float(draft_logits[0].detach().sum())):  # one reduction: no inf column (usual)
         return draft_logits, target_logits
     drop = torch.isinf(draft_logits[0])  # +-inf only: a NaN column stays, so NaN must surface
     if not bool(drop.any()):
