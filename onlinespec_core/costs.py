@@ -1,7 +1,8 @@
 """The cost table of `onlinespec bench`: what one round costs on the fast path and on plain HF,
 measured side by side in one process (interleaved repetitions, medians).
 
-  t(n)        target forward of n new tokens after a real prompt (ms); v(n) = t(n) / t(1)
+  t(n)        target forward of n new tokens after a real prompt (ms), the n's taking turns on
+              one cache; v(n) = t(n) / t(1)
   draft step  one drafted token (ms) as the engine drafts it; c = draft step / t(1)
   update step one ogd step (Adam) on a batch of feedback rows (ms), and the draft's context
               re-read the next propose pays after an update
@@ -32,17 +33,27 @@ def _median_ms(xs: list[float]) -> float:
 @torch.inference_mode()
 def target_ms(pair: ModelPair, prompt: list[int], n: int, iters: int = 8) -> float:
     """Median ms of a target forward of n tokens appended after prompt (cache cropped back)."""
+    return target_ms_all(pair, prompt, (n,), iters)[n]
+
+
+@torch.inference_mode()
+def target_ms_all(pair: ModelPair, prompt: list[int], ns: tuple[int, ...] = N_TOKENS,
+                  iters: int = 8) -> dict[int, float]:
+    """Median ms of a target forward of n tokens after prompt, for every n in ns, the n's taking
+    turns on one cache (cropped back each time): v(n) = t(n) / t(1) is then a ratio of times
+    measured under the same machine state (blocks of one n at a time drift with the load)."""
     ids = torch.tensor(prompt, device=pair.device)
     cache = new_target_cache(pair.target)
     target_forward(pair.target, ids, cache, 1, False)
-    new = ids[:n] if ids.numel() >= n else ids.repeat(n)[:n]
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        target_forward(pair.target, new, cache, n, False)
-        ts.append(time.perf_counter() - t0)
-        cache.crop(-n)
-    return _median_ms(ts)
+    news = {n: ids[:n] if ids.numel() >= n else ids.repeat(n)[:n] for n in ns}
+    ts: dict[int, list[float]] = {n: [] for n in ns}
+    for it in range(iters):
+        for n in (ns if it % 2 == 0 else ns[::-1]):
+            t0 = time.perf_counter()
+            target_forward(pair.target, news[n], cache, n, False)
+            ts[n].append(time.perf_counter() - t0)
+            cache.crop(-n)
+    return {n: _median_ms(v) for n, v in ts.items()}
 
 
 def draft_step_ms(pair: ModelPair, prompt: list[int], k: int, iters: int = 8) -> float | None:
@@ -162,8 +173,8 @@ def cost_table(pair: ModelPair, prompts: list[list[int]], k: int = 4, reps: int 
             for path in PATHS:
                 if set_fast(pair, path == "fast") != (path == "fast"):
                     continue  # no fast path on this device
-                for n in N_TOKENS:
-                    add(path, f"t{n}_ms", target_ms(pair, prompts[0], n))
+                for n, t in target_ms_all(pair, prompts[0], N_TOKENS, iters=16).items():
+                    add(path, f"t{n}_ms", t)
                 add(path, "draft_step_ms", draft_step_ms(pair, prompts[0], k))
                 for key, v in round_ms(pair, prompts, k, max_new_tokens).items():
                     add(path, key, v)
