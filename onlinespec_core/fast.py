@@ -226,7 +226,7 @@ static inline void pv(const float* p, int64_t ldp, const float* v, int64_t d, in
 // Causal attention of n new queries q [hq, n, d] (query i at position start + i sees keys
 // 0..start+i) over the cache: kb = K^T blocked [hkv][cap/64][d][64], vc [hkv, cap, d].
 // out [n, hq * d] (the o-projection's input). s: scratch of G n ceil(L / 64) 64 floats.
-// softmax(q.k * scale) with the row max subtracted; d % 16 == 0, d <= 128.
+// softmax(q.k * scale) with the row max subtracted; d in {16, 32, 64, 128}.
 extern "C" void os_attn(const float* q, int64_t n, int64_t hq, int64_t hkv, int64_t d,
                         const float* kb, const float* vc, int64_t cap, int64_t start,
                         float scale, float* out, float* s) {
@@ -766,7 +766,7 @@ class LeanLM:
         else:
             norm = lambda t, w: rms_norm(t, w, self.eps)  # noqa: E731
         hq, hkv, d = self.n_heads, self.n_kv, self.head_dim
-        kb = (cache.blocked() if ks_ is not None and d % 16 == 0 and d <= 128 and hq % hkv == 0
+        kb = (cache.blocked() if ks_ is not None and d in (16, 32, 64, 128) and hq % hkv == 0
               else None)
         for li, lay in enumerate(self.layers):
             h = norm(x, lay.in_norm)

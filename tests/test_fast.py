@@ -359,3 +359,23 @@ def test_kernel_path_and_torch_path_agree_and_both_equal_hf(family_dirs, tokeniz
     pair2 = osc.load_pair(target=str(t), draft=str(d))
     assert fast.lean_of(pair2.target).layers[0].qkv[0].kernel is None
     assert osc.Engine(pair2, k=3).generate(ids, 24).token_ids == ref
+
+
+@pytest.mark.parametrize("head_dim", [8, 48, 64])
+def test_lean_forward_any_head_dim_matches_hf(tokenizer, head_dim):
+    """Head sizes the attention kernel does not take (8, 48) run SDPA on the same cache; every
+    size matches HF's logits, a prompt then 1 and 5 new tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=2 * head_dim, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                      head_dim=head_dim, pad_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    lean = fast.LeanLM(model, frozen=True)
+    ids = torch.tensor(tokenizer(PROMPTS[2])["input_ids"])
+    with torch.inference_mode():
+        want = model(input_ids=ids[None]).logits[0]
+        cache = lean.new_cache()
+        got = [lean.forward(ids[:-6], cache, 1)[0], lean.forward(ids[-6:-5], cache, 1)[0],
+               lean.forward(ids[-5:], cache, 5)[0]]
+    torch.testing.assert_close(torch.cat(got), want[-7:], atol=1e-4, rtol=1e-4)
