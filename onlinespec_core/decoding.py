@@ -16,7 +16,7 @@ from transformers import DynamicCache, PreTrainedModel
 from . import fast
 from .drafts.base import Draft, Proposal, crop_cache
 from .feedback import Round
-from .sampling import SamplingConfig, logits_to_probs, sample
+from .sampling import SamplingConfig, greedy, logits_to_probs, sample
 
 
 @dataclass
@@ -76,11 +76,13 @@ def verify(target: PreTrainedModel, state: DecodeState, drafted: torch.Tensor, c
 
 def accept_greedy(drafted: torch.Tensor, target_logits: torch.Tensor) -> tuple[int, int]:
     """Leading matches with the target's argmax, then the target's own token."""
-    want = target_logits.argmax(-1)  # [k+1]
-    k = drafted.numel()
-    mismatch = (drafted != want[:k]).nonzero()
-    n = int(mismatch[0, 0]) if mismatch.numel() else k
-    return n, int(want[n])
+    want = greedy(target_logits).tolist()  # [k+1]; plain ints from here
+    n = 0
+    for x in drafted.tolist():
+        if x != want[n]:
+            break
+        n += 1
+    return n, want[n]
 
 
 def accept_sampling(drafted: torch.Tensor, q: torch.Tensor, p: torch.Tensor,

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 
 from ..fast import full_cache
 from ..feedback import Round
-from ..sampling import SamplingConfig, logits_to_probs, sample
+from ..sampling import SamplingConfig, greedy, logits_to_probs, sample
 from .base import Proposal, crop_cache
 from .features import (FeatureDraft, FeatureSeq, Record, family_body, load_head, plain, subset,
                        run_body, tail_features)
@@ -91,7 +91,7 @@ class EagleDraft(FeatureDraft):
         for i in range(k):
             z = self.readout.logits(f)  # q(x_{L+i}) from f^_{L-1+i}
             q = logits_to_probs(z, cfg)
-            x = q.argmax(-1) if cfg.greedy else sample(q, generator)
+            x = greedy(q) if cfg.greedy else sample(q, generator)
             tokens.append(x)
             logits.append(z)
             probs.append(q)

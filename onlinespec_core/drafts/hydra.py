@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 from ..errors import OnlineSpecError
 from ..fast import full_cache
 from ..feedback import Round
-from ..sampling import SamplingConfig, logits_to_probs, sample
+from ..sampling import SamplingConfig, greedy, logits_to_probs, sample
 from .base import Proposal, crop_cache
 from .features import (FeatureDraft, FeatureSeq, Record, family_body, load_head, plain, subset,
                        run_body, tail_features)
@@ -116,7 +116,7 @@ class HydraDraft(FeatureDraft):
         for _ in range(k):
             z = self.readout.logits(self.module(h, embs))
             q = logits_to_probs(z, cfg)
-            x = q.argmax(-1) if cfg.greedy else sample(q, generator)
+            x = greedy(q) if cfg.greedy else sample(q, generator)
             tokens.append(x)
             logits.append(z)
             probs.append(q)

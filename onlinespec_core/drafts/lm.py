@@ -8,7 +8,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from .. import fast
 from ..feedback import Round
-from ..sampling import SamplingConfig, logits_to_probs, sample
+from ..sampling import SamplingConfig, greedy, logits_to_probs, sample
 from .base import Draft, Proposal, crop_cache, pad_vocab
 
 
@@ -67,7 +67,7 @@ class LMDraft(Draft):
         for _ in range(k):
             last = self._forward(pending)
             q = logits_to_probs(last, cfg)
-            x = q.argmax(-1) if cfg.greedy else sample(q, generator)
+            x = greedy(q) if cfg.greedy else sample(q, generator)
             tokens.append(x)
             logits.append(last)
             probs.append(q)
