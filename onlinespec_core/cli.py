@@ -13,6 +13,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-demo": ("onlinespec_core.demo.recipe:main", "rebuild the embedded demo pair from scratch"),
     "train-draft": ("onlinespec_core.training:main", "warm-up training of an lm/eagle/hydra draft"),
     "export-draft": ("onlinespec_core.export:main", "write an evolved draft as a Hugging Face model dir"),
+    "study": ("onlinespec_core.studies.stream_study:main", "learning study on a long shift stream (per-visit tau)"),
+    "shift-bench": ("onlinespec_core.studies.shift_bench:main", "updaters before/after one topic shift"),
 }
 
 

@@ -78,7 +78,7 @@ def test_export_errors(tmp_path, capsys):
 
 
 def test_bench_updaters_script_runs(tmp_path, capsys):
-    from onlinespec_core.updaters.bench_updaters import main as bench
+    from onlinespec_core.studies.shift_bench import main as bench
     out = tmp_path / "b.json"
     assert bench(["--tiny", "--runs", "frozen;ensemble:hedge=last", "--per-topic", "2", "--max-new-tokens", "10",
                   "--window", "4", "--json", str(out)]) == 0

@@ -2,9 +2,9 @@
 the first and the last `window` prompts, per run the update fraction and (ensemble) the Hedge
 weights and leader at the end of every visit.
 
-  python -m onlinespec_core.updaters.stream_study --stream shift_long --out runs/study \\
+  python -m onlinespec_core.studies.stream_study --stream shift_long --out runs/study \\
       --runs "frozen;ogd;optimistic;ensemble;dpo"
-  python -m onlinespec_core.updaters.stream_study --summary runs/study     # table of finished runs
+  python -m onlinespec_core.studies.stream_study --summary runs/study     # table of finished runs
 
 Each run writes OUT/<run>.json after every prompt (a killed study keeps what it measured and
 --resume skips finished runs). tau = tokens emitted / target forwards (accepted + 1 per round).
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .bench_updaters import parse_run
+from .shift_bench import parse_run
 
 
 def visits_of(items: list[Any]) -> list[tuple[str, int, int]]:
@@ -181,7 +181,7 @@ def load_summaries(out: Path, window: int) -> tuple[list[dict], dict | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m onlinespec_core.updaters.stream_study", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m onlinespec_core.studies.stream_study", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pair", default="demo")
     ap.add_argument("--draft", default=None, help="draft dir (default: the pair's)")

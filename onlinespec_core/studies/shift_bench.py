@@ -1,8 +1,8 @@
 """Benchmark of the online updaters (not a test): update time as a fraction of wall time, and
 tau before/after a topic change, on one pair and a two-topic stream (topic A, then topic B).
 
-  python -m onlinespec_core.updaters.bench_updaters --pair demo --stream shift --json out.json
-  python -m onlinespec_core.updaters.bench_updaters --tiny     # tiny random pair (tests/tiny.py)
+  python -m onlinespec_core.studies.shift_bench --pair demo --stream shift --json out.json
+  python -m onlinespec_core.studies.shift_bench --tiny     # tiny random pair (tests/tiny.py)
 
 Per updater: tau over the whole stream, update_fraction = sum(update_s) / sum(round wall_s),
 tau of the first/last `window` rounds of each topic (A_first, A_last, B_first, B_last), and for
@@ -22,6 +22,8 @@ from typing import Any, Callable
 
 import torch
 
+from ..options import parse_options
+
 DEFAULT_RUNS = ["frozen", "ogd", "optimistic", "optimistic:form=momentum", "ensemble", "dpo", "dpo:mode=sft",
                 "ogd:cadence=chunk,chunk_prompts=2,epochs=2"]
 
@@ -37,16 +39,9 @@ class ShiftBenchConfig:
 
 
 def parse_run(spec: str) -> tuple[str, dict[str, Any]]:
-    """'name' or 'name:key=value,key=value' (values parsed as JSON when they can be)."""
+    """'name' or 'name:key=value,key=value' (options.parse_options' syntax)."""
     name, _, rest = spec.partition(":")
-    opts: dict[str, Any] = {}
-    for kv in filter(None, rest.split(",")):
-        k, _, v = kv.partition("=")
-        try:
-            opts[k] = json.loads(v)
-        except ValueError:
-            opts[k] = v
-    return name, opts
+    return name, parse_options(rest, f"run {spec!r}: option")
 
 
 def two_topics(items: list[Any], per_topic: int, topics: list[str] | None = None) -> list[Any]:
@@ -135,7 +130,7 @@ def tiny_stream() -> list[Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m onlinespec_core.updaters.bench_updaters", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m onlinespec_core.studies.shift_bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pair", default="demo", help="'demo' or a target model dir")
     ap.add_argument("--draft", default=None, help="draft model dir (default: the demo draft)")
