@@ -16,15 +16,8 @@ LEARNERS = [("ogd", {}), ("optimistic", {}), ("optimistic", {"form": "momentum"}
 @pytest.fixture(scope="module")
 def far_pair_dirs(tmp_path_factory, tokenizer):
     """A target and a draft with unrelated random weights: the draft starts far away."""
-    from tests.tiny import make_model
-    root = tmp_path_factory.mktemp("far")
-    out = []
-    for role, kw in (("target", dict(hidden=64, layers=2, seed=21)), ("draft", dict(hidden=32, layers=1, seed=22))):
-        m = make_model("llama", len(tokenizer), **kw)
-        m.save_pretrained(root / role)
-        tokenizer.save_pretrained(root / role)
-        out.append(str(root / role))
-    return out
+    from tests.tiny import far_pair_dirs
+    return list(far_pair_dirs(tmp_path_factory.mktemp("far"), tokenizer))
 
 
 def mean_tau(name, opts, dirs, prompts=12, n=32):

@@ -1,6 +1,8 @@
 """Tiny random models and a small byte-level BPE tokenizer for tests (no downloads)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
@@ -64,3 +66,15 @@ def make_model(arch: str, vocab: int, hidden: int = 64, layers: int = 2, seed: i
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(4.0)
     return model.eval()
+
+
+def far_pair_dirs(root: Path, tokenizer: PreTrainedTokenizerFast) -> tuple[str, str]:
+    """A tiny random llama target and a draft with unrelated random weights (the draft starts
+    far away), written to root/target and root/draft."""
+    out = []
+    for role, kw in (("target", dict(hidden=64, layers=2, seed=21)), ("draft", dict(hidden=32, layers=1, seed=22))):
+        m = make_model("llama", len(tokenizer), **kw)
+        m.save_pretrained(root / role)
+        tokenizer.save_pretrained(root / role)
+        out.append(str(root / role))
+    return out[0], out[1]

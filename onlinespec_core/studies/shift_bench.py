@@ -109,15 +109,8 @@ def table(results: list[dict[str, Any]]) -> str:
 def tiny_pair_dirs(root: Path) -> tuple[str, str]:
     """A tiny random llama target and an unrelated tiny draft (the tests' far pair)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests.tiny import build_tokenizer, make_model
-    tok = build_tokenizer()
-    dirs = []
-    for role, kw in (("target", dict(hidden=64, layers=2, seed=21)), ("draft", dict(hidden=32, layers=1, seed=22))):
-        m = make_model("llama", len(tok), **kw)
-        m.save_pretrained(root / role)
-        tok.save_pretrained(root / role)
-        dirs.append(str(root / role))
-    return dirs[0], dirs[1]
+    from tests.tiny import build_tokenizer, far_pair_dirs
+    return far_pair_dirs(root, build_tokenizer())
 
 
 def tiny_stream() -> list[Any]:
