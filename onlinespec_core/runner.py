@@ -2,7 +2,7 @@
 
 Writes into --out: metrics.json (totals, per topic, per prompt, machine), rounds.csv (one row
 per round) and PNG plots (tau over time with topic bands; ensemble weights when the updater
-exposes them in stats()). A tqdm bar shows tokens, tau and tokens/s while it runs.
+has them in its snapshot). A tqdm bar shows tokens, tau and tokens/s while it runs.
 """
 from __future__ import annotations
 

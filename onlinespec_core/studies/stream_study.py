@@ -84,7 +84,7 @@ def run_one(load, spec: str, items: list[Any], args, out_path: Path) -> dict:
         for ev in eng.stream(it.prompt, args.max_new_tokens, topic=it.topic, prompt_index=i, in_run=True):
             if ev.kind == "round":
                 rounds.append(ev.round)
-        st = eng.updater.stats() if hasattr(eng.updater, "stats") else {}
+        st = eng.updater.stats()
         rec = {"i": i, "topic": it.topic, "rounds": len(rounds), "tokens": sum(len(r.emitted) for r in rounds),
                "drafted_rounds": sum(1 for r in rounds if r.k > 0),
                "update_s": sum(r.update_s for r in rounds), "wall_s": sum(r.wall_s for r in rounds),

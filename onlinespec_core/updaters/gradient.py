@@ -5,7 +5,7 @@
   "chunk" = test-then-train: after every `chunk_prompts` prompts, `epochs` passes over the
   chunk's rounds in minibatches of `batch` (the paper's released protocol).
 - Guard: a non-finite loss or gradient skips the step and rewrites the last good (deployed)
-  weights into the module; counted in stats()["skipped"].
+  weights into the module; counted in snapshot().skipped.
 - State: masters, optimizer moments, buffered rounds and counters round-trip through
   state_tensors/state_json/load_state.
 """
