@@ -113,6 +113,7 @@ class OptimisticUpdater(GradientUpdater):
         self.v = [torch.zeros_like(s) for s in self.shadow] if self.adam else []  # second moment
         self.m = [torch.zeros_like(s) for s in self.shadow] if self.adam and c.beta1 > 0 else []
         self.t = 0
+        self._hint_norm: tuple[int, float] | None = None  # (updates, ||h||) for the snapshot
         self.opt = (make_optimizer("sgd", self.shadow, c.lr, c.momentum, c.weight_decay)
                     if c.form == "momentum" else None)
         self._deployed = self.shadow if self.opt else self._deploy()
@@ -178,9 +179,12 @@ class OptimisticUpdater(GradientUpdater):
         return True
 
     def extra_snapshot(self) -> dict[str, Any]:
-        s = {"form": self.cfg.form}
-        if self.opt is None:
-            s["hint_norm"] = float(torch.linalg.vector_norm(torch.stack([h.norm() for h in self.hint])))
+        s: dict[str, Any] = {"form": self.cfg.form}
+        if self.opt is None:  # ||h||, computed once per step (snapshot() is read every round)
+            if self._hint_norm is None or self._hint_norm[0] != self.updates:
+                norm = torch.linalg.vector_norm(torch.stack([h.norm() for h in self.hint]))
+                self._hint_norm = (self.updates, float(norm))
+            s["hint_norm"] = self._hint_norm[1]
         return s
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
@@ -210,6 +214,7 @@ class OptimisticUpdater(GradientUpdater):
             if self.m:
                 self.m = load_list(tensors, "m", self.m)
         self.t = meta.get("t", 0)
+        self._hint_norm = None
         if self.opt is not None:
             self.opt = make_optimizer("sgd", self.shadow, c.lr, c.momentum, c.weight_decay)
             load_optim(self.opt, tensors, meta["opt"], "opt")
