@@ -116,9 +116,35 @@ def test_online_draft_fast_form_sees_every_update(family_dirs):
         opt.step()
         opt.zero_grad()
         with torch.inference_mode():
-            want = draft.model(input_ids=ids[None]).logits[0, -1]
-            got = draft.lean.forward(ids, draft.lean.new_cache(), 1)[0][-1]
+            out = draft.model(input_ids=ids[None], output_hidden_states=True)
+            got, hidden = draft.lean.forward(ids, draft.lean.new_cache(), 1, need_hidden=True)
+        # the fp32 stack (packed copies of q|k|v, o, gate|up, down) sees the step exactly ...
+        torch.testing.assert_close(hidden, out.hidden_states[-1][0], atol=1e-4, rtol=1e-4)
+        # ... and the readout is lm_head(h) in bf16 with fp32 sums where the kernel exists
+        w = draft.model.get_output_embeddings().weight
+        if fast.bf16_kernels() is not None:
+            want = (hidden[-1:].bfloat16().double() @ w.detach().bfloat16().double().t()).float()
+        else:
+            want = out.logits[0, -1:]
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got[0], out.logits[0, -1], atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("updater", ["ogd", "optimistic", "ensemble"])
+def test_online_updaters_reach_the_proposal_copies(family_dirs, updater):
+    """Every updater's write (optimizer steps, optimistic's w = w^ - lr h, the ensemble's
+    average) moves the weights' version counters, so the packed copies a proposal reads are
+    re-made: after a run with updates the fast forward still equals HF on the live weights."""
+    t, d = family_dirs["llama"]
+    pair = osc.load_pair(target=str(t), draft=str(d))
+    eng = osc.Engine(pair, k=3, updater=updater, updater_options={"every": 1, "batch": 1})
+    eng.generate(PROMPTS[2], 24)
+    assert eng.updater.snapshot().updates > 0
+    draft, ids = pair.draft, torch.tensor(pair.tokenizer(PROMPTS[1])["input_ids"])
+    with torch.inference_mode():
+        out = draft.model(input_ids=ids[None], output_hidden_states=True)
+        _, hidden = draft.lean.forward(ids, draft.lean.new_cache(), 1, need_hidden=True)
+    torch.testing.assert_close(hidden, out.hidden_states[-1][0], atol=1e-4, rtol=1e-4)
 
 
 def test_set_fast_off_restores_plain_hf_modules(family_dirs):
@@ -320,6 +346,29 @@ def test_few_row_gemm_matches_fp64(rows):
         assert lin(x[None]).shape == (1, rows, n)  # HF's [1, n, H] activations
     x.requires_grad_(True)
     assert lin(x).requires_grad  # grad: the torch path
+
+
+@pytest.mark.skipif(fast.bf16_kernels() is None, reason="no AVX-512 BF16 kernel here")
+@pytest.mark.parametrize("rows", [1, 5, 7, 16])
+def test_bf16_readout_kernel_is_bf16_products_with_fp32_sums(rows):
+    """The draft readout kernel = bf16(x) bf16(W)^T + b summed in fp32 (odd N and K), and the
+    packed copy follows the live weight (a step bumps its version)."""
+    g = torch.Generator().manual_seed(rows)
+    for n, k in ((8192, 128), (100, 33)):
+        lin = torch.nn.Linear(k, n)
+        ro = fast.DraftReadout(lin, fast._Mirrors())
+        x = torch.randn(rows, k, generator=g)
+        for _ in range(2):
+            ro.pack()
+            ro.mirrors.on = True
+            with torch.no_grad():
+                got = ro(x)
+            ro.mirrors.on = False
+            ref = x.bfloat16().double() @ lin.weight.detach().bfloat16().double().t() + lin.bias.detach().double()
+            assert (got.double() - ref).abs().max() < 1e-4
+            assert torch.allclose(got, ro(x), atol=0.05 * float(ref.abs().max()))  # near the fp32 F.linear
+            with torch.no_grad():
+                lin.weight.mul_(-2.0)
 
 
 @needs_kernels

@@ -96,3 +96,31 @@ def test_bench_runs_an_updater_with_cost_k(pair_dirs, tmp_path):
     runs = {r["name"]: r for r in json.loads(out.read_text())["runs"]}
     assert set(runs) == {"target_ar", "frozen", "frozen+cost_k"}
     assert runs["frozen+cost_k"]["tau"] >= 1.0
+
+
+def test_a_probe_after_a_run_of_k0_rounds_is_not_a_cost_sample():
+    """After k = 0 rounds the draft first reads the tokens it missed, and that round's verify
+    was measured slow: neither goes into D(k) or t(n); a round after a drafting round does."""
+    p = CostK(k_max=8)
+    p.observe(_round(1, 1, 1e-4, 4e-3), prefill=False)
+    for _ in range(10):
+        p.observe(_round(0, 0, 0.0, 4e-3), prefill=False)
+    p.observe(_round(1, 0, 5e-3, 9e-3), prefill=False)  # the probe: catch-up read, slow verify
+    assert p.draft_of(1) == 1e-4 and p.t_of(2) == 4e-3
+    p.observe(_round(1, 1, 2e-4, 6e-3), prefill=False)  # the next round is a cost sample again
+    assert p.draft_of(1) > 1e-4 and p.t_of(2) > 4e-3
+
+
+def test_proposal_cost_has_a_fixed_part_and_prompts_reset_most_of_a():
+    p = CostK(k_max=8)
+    for _ in range(20):
+        p.observe(_round(1, 0, 3e-4, 4e-3), prefill=False)
+        p.observe(_round(4, 0, 6e-4, 5e-3), prefill=False)
+    assert abs(p.draft_of(2) - 4e-4) < 1e-9  # a line through (1, 0.3 ms) and (4, 0.6 ms), not 2 x 0.3
+    assert abs(p.draft_of(8) - 1e-3) < 1e-9
+    assert p.alpha < 0.1
+    before = p.accepted + p.rejected
+    p.observe(_round(0, 0, 0.0, 20e-3), prefill=True)  # a new prompt: a's counts shrink ...
+    assert p.accepted + p.rejected < 0.5 * before
+    p.observe(_round(1, 1, 3e-4, 4e-3), prefill=False)  # ... so its first accepted probe moves a far
+    assert p.alpha > 0.25  # (it was < 0.1)

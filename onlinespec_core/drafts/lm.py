@@ -35,6 +35,9 @@ class LMDraft(Draft):
         self.cache = None
         self.cached = None
         self.cache_version = None
+        lean = self.lean
+        if lean is not None:
+            lean.forget_mirrors()
 
     def invalidate(self) -> None:
         """Weights changed: cached keys/values no longer match the model."""
@@ -66,13 +69,18 @@ class LMDraft(Draft):
         tokens, logits, probs = [], [], []
         for _ in range(k):
             last = self._forward(pending)
-            q = logits_to_probs(last, cfg)
-            x = greedy(q) if cfg.greedy else sample(q, generator)
+            if cfg.greedy:  # argmax of the logits; the k softmaxes as one call at the end
+                x = greedy(last)
+            else:
+                q = logits_to_probs(last, cfg)
+                x = sample(q, generator)
+                probs.append(q)
             tokens.append(x)
             logits.append(last)
-            probs.append(q)
             pending = x.reshape(1)
-        return Proposal(torch.stack(tokens), torch.stack(logits), torch.stack(probs))
+        stacked = torch.stack(logits)
+        return Proposal(torch.stack(tokens), stacked,
+                        logits_to_probs(stacked, cfg) if cfg.greedy else torch.stack(probs))
 
     def commit(self, valid_len: int, target_hidden: torch.Tensor | None = None,
                hidden_start: int = 0) -> None:

@@ -137,10 +137,10 @@ class OptimisticUpdater(GradientUpdater):
         torch._foreach_add_(self.shadow, self.step_buf)  # w^ <- w^ - lr d_t
         self.pull_to_offline(self.shadow)
         for p, s, d in zip(self.params, self.shadow, self.step_buf):  # w = w^ - lr h, into the module
-            if p.dtype == torch.float32:
-                torch.add(s, d, out=p.data)
+            if p.dtype == torch.float32:  # in place on p itself: its version counter moves,
+                torch.add(s, d, out=p)  # which is how caches of the weights see the step
             else:
-                p.data.copy_(s + d)
+                p.copy_(s + d)
         self._deployed = None  # deployed() recomputes it when asked
 
     @property
