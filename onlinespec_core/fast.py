@@ -329,15 +329,27 @@ static inline uint32_t bf16_bits(float f) {  // round to nearest even (torch's .
     u += 0x7fffu + ((u >> 16) & 1u);
     return u >> 16;
 }
+// one pass: row n's pair p (w[n][2p], w[n][2p+1]) -> the 32-bit word wp32[nb][p][c]
 extern "C" void os_pack_bf16(const float* w, int64_t N, int64_t K, uint16_t* wp) {
     int64_t K2 = (K + 1) / 2, NB = (N + 63) / 64;
-    for (int64_t nb = 0; nb < NB; ++nb)
-        for (int64_t c = 0; c < 64; ++c) {
-            int64_t n = nb * 64 + c;
-            uint16_t* o = wp + nb * K2 * 128 + 2 * c;
-            for (int64_t k = 0; k < 2 * K2; ++k)
-                o[(k / 2) * 128 + (k & 1)] = n < N && k < K ? (uint16_t)bf16_bits(w[n * K + k]) : 0;
+    uint32_t* o32 = (uint32_t*)wp;
+    for (int64_t n = 0; n < NB * 64; ++n) {
+        uint32_t* o = o32 + (n / 64) * K2 * 64 + n % 64;
+        const float* row = w + n * K;
+        int64_t p = 0;
+        if (n < N) {
+            for (; 2 * p + 16 <= K; p += 8) {  // 16 floats -> 8 pair words (vcvtneps2bf16: RNE)
+                uint32_t t[8];
+                _mm256_storeu_si256((__m256i*)t, (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(row + 2 * p)));
+                for (int i = 0; i < 8; ++i) o[(p + i) * 64] = t[i];
+            }
         }
+        for (; p < K2; ++p) {
+            uint32_t lo = n < N ? bf16_bits(row[2 * p]) : 0u;
+            uint32_t hi = n < N && 2 * p + 1 < K ? bf16_bits(row[2 * p + 1]) : 0u;
+            o[p * 64] = lo | (hi << 16);
+        }
+    }
 }
 template <int MR>
 static inline void bblock(const uint32_t* xb, int64_t K2, const uint16_t* w, float* y, int64_t ldy,
