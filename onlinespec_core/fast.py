@@ -410,6 +410,7 @@ extern "C" void os_gemm_bf16(const float* x, int64_t M, int64_t K, const uint16_
 _gemm_lib: list = []  # [ctypes function or None] once tried
 _bf16_lib: list = []  # [_BF16Kernels or None] once tried
 GEMM_MAX_ROWS = 16  # more rows (a prompt): MKL's GEMM, compute-bound there
+DRAFT_MAX_ROWS = 64  # a draft's copies also take its catch-up reads (tokens it missed): tiny weights
 ATTN_MAX_ROWS = 16  # more new tokens (a prompt): SDPA reads the same cache
 
 
@@ -772,7 +773,7 @@ class DraftLinear:
         self.bias = None if b is None else b.detach().float().contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mirrors.on and self.wp is not None and x.shape[0] <= GEMM_MAX_ROWS and x.dim() == 2:
+        if self.mirrors.on and self.wp is not None and x.shape[0] <= DRAFT_MAX_ROWS and x.dim() == 2:
             return _gemm(self.ks.gemm, x.contiguous(), self.wp, self.n, self.bias)
         w, b = self.weights()
         return F.linear(x, w, b)
@@ -801,7 +802,7 @@ class DraftReadout(LiveLinear):
         self.bias = None if b is None else b.detach().float().contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mirrors.on and self.wp is not None and x.shape[0] <= GEMM_MAX_ROWS and x.dim() == 2:
+        if self.mirrors.on and self.wp is not None and x.shape[0] <= DRAFT_MAX_ROWS and x.dim() == 2:
             return _gemm_bf16(self.ks, x.contiguous(), self.wp, self.mod.weight.shape[0], self.bias)
         return F.linear(x, self.mod.weight, self.mod.bias)
 
