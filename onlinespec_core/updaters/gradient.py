@@ -389,21 +389,26 @@ class GradientUpdater(Updater):
         over every feedback row of the batch (per-round slices of [T, V] logits each cost a
         full-size zero tensor in backward: ~60% of a 64-row step), averaged back per round."""
         c = self.cfg
-        ms = [min(n_positions(r, c.positions), r.k) for r in batch]
-        rows, targets = [], []
+        rows, ms = self.merged_rows(batch)
+        targets = torch.cat([r.target_logits[:m].to(rows.device) for r, m in zip(batch, ms)])
+        per = distill_rows(rows, targets, c.loss, c.temperature)
+        return torch.stack([part.mean() for part in per.split(ms)])
+
+    def merged_rows(self, batch: list[Round]) -> tuple[torch.Tensor, list[int]]:
+        """lm drafts on the path: every round's feedback rows in batch order, [sum(ms), V] from one
+        forward per sequence (contiguous_groups are runs of consecutive rounds, so the groups'
+        rows concatenated are in batch order), and ms (rows per round)."""
+        ms = [min(n_positions(r, self.cfg.positions), r.k) for r in batch]
+        rows = []
         for g in contiguous_groups(batch):
             first = batch[g[0]]
             logits = self.draft.train_logits(sequence_round([batch[i] for i in g], ms[g[-1]]))
-            idx = torch.cat([torch.arange(batch[i].context_len - first.context_len,
-                                          batch[i].context_len - first.context_len + ms[i]) for i in g])
+            offs = [batch[i].context_len - first.context_len for i in g]
+            if offs == list(range(0, offs[-1] + 1)) and False:
+                pass
+            idx = torch.cat([torch.arange(o, o + ms[i]) for o, i in zip(offs, g)])
             rows.append(logits.index_select(0, idx.to(logits.device)))
-            targets += [batch[i].target_logits[:ms[i]].to(logits.device) for i in g]
-        per = distill_rows(torch.cat(rows), torch.cat(targets), c.loss, c.temperature)
-        order = [i for g in contiguous_groups(batch) for i in g]
-        sums = torch.stack([part.mean() for part in per.split([ms[i] for i in order])])
-        out = torch.empty_like(sums)
-        out[torch.tensor(order, device=sums.device)] = sums
-        return out
+        return (rows[0] if len(rows) == 1 else torch.cat(rows)), ms
 
     def losses_and_grads(self, batch: list[Round], clip: bool = True
                          ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
