@@ -314,14 +314,7 @@ extern "C" void os_attn(const float* q, int64_t n, int64_t hq, int64_t hkv, int6
 # so a readout that reads half the bytes is free speed. wp[ceil(N/64)][ceil(K/2)][64][2] bf16
 # (zero-padded), packed from the live fp32 weight by os_pack_bf16 (one pass) when it changed.
 _BF16_SRC = r"""
-#include <immintrin.h>
-#include <cstdint>
 #include <cstring>
-struct Ftz {
-    unsigned int csr;
-    Ftz() : csr(_mm_getcsr()) { _mm_setcsr(csr | 0x8040); }
-    ~Ftz() { _mm_setcsr(csr); }
-};
 static inline uint32_t bf16_bits(float f) {  // round to nearest even (torch's .bfloat16())
     uint32_t u;
     std::memcpy(&u, &f, 4);
@@ -407,6 +400,55 @@ extern "C" void os_gemm_bf16(const float* x, int64_t M, int64_t K, const uint16_
     }
 }
 """
+# One drafted token through a whole Llama-family draft in one call (the bf16 library holds the
+# fp32 kernels too): embedding row, then per layer the same kernels as LeanLM's forward (RMSNorm,
+# q|k|v GEMM, RoPE + cache write, attention, o GEMM, gate|up GEMM, silu(g) u, down GEMM), the
+# final norm, the bf16 readout and the argmax. Python's per-op overhead was ~2/3 of a drafted
+# token (~25 torch ops and kernel calls); the math is the lean forward's.
+_STEP_SRC = r"""
+#include <cmath>
+// w: per layer {in_norm, qkv_wp, qkv_bias, o_wp, post_norm, gu_wp, down_wp} as addresses;
+// c: per layer {k cache, v cache, blocked K^T}; the token goes to cache row pos.
+// scratch: 4 H + (hq + 2 hkv) d + 2 hq d + 3 I + G ceil((pos + 1) / 64) 64 + H floats.
+// Returns argmax(logits) (torch's rule: the first maximum, a NaN counts as the maximum).
+extern "C" int64_t os_draft_step(int64_t tok, int64_t pos, const float* embed, int64_t H,
+                                 int64_t nl, const int64_t* w, const int64_t* c, int64_t cap,
+                                 int64_t hq, int64_t hkv, int64_t d, int64_t I, float eps,
+                                 float scale, const float* cos, const float* sin,
+                                 const float* fnorm, const uint16_t* head, const float* hbias,
+                                 int64_t V, float* scratch, float* logits) {
+    Ftz ftz;
+    int64_t nqkv = (hq + 2 * hkv) * d, G = hq / hkv, NB = (pos + 1 + 63) / 64;
+    float* x = scratch; float* h = x + H; float* t = h + H; float* qkv = t + H;
+    float* qo = qkv + nqkv; float* att = qo + hq * d; float* gu = att + hq * d; float* a = gu + 2 * I;
+    float* sc = a + I; uint32_t* xb = (uint32_t*)(sc + G * NB * 64);
+    std::memcpy(x, embed + tok * H, H * sizeof(float));
+    for (int64_t l = 0; l < nl; ++l) {
+        const int64_t* wl = w + 7 * l;
+        const int64_t* cl = c + 3 * l;
+        os_rms_norm(x, (const float*)wl[0], h, 1, H, eps);
+        os_gemm(h, 1, H, (const float*)wl[1], nqkv, (const float*)wl[2], qkv);
+        os_rope_kv(qkv, nqkv, qkv + hq * d, nqkv, qkv + (hq + hkv) * d, nqkv, 1, hq, hkv, d, cos, sin,
+                   qo, (float*)cl[0], (float*)cl[1], cap, pos, (float*)cl[2]);
+        os_attn(qo, 1, hq, hkv, d, (const float*)cl[2], (const float*)cl[1], cap, pos, scale, att, sc);
+        os_gemm(att, 1, hq * d, (const float*)wl[3], H, nullptr, t);
+        for (int64_t i = 0; i < H; ++i) x[i] += t[i];
+        os_rms_norm(x, (const float*)wl[4], h, 1, H, eps);
+        os_gemm(h, 1, H, (const float*)wl[5], 2 * I, nullptr, gu);
+        for (int64_t i = 0; i < I; ++i) { float g = gu[i]; a[i] = g / (1.0f + std::exp(-g)) * gu[I + i]; }
+        os_gemm(a, 1, I, (const float*)wl[6], H, nullptr, t);
+        for (int64_t i = 0; i < H; ++i) x[i] += t[i];
+    }
+    os_rms_norm(x, fnorm, h, 1, H, eps);
+    os_gemm_bf16(h, 1, H, head, V, hbias, logits, xb);
+    int64_t best = 0;
+    for (int64_t i = 0; i < V; ++i) {
+        if (logits[i] != logits[i]) return i;
+        if (logits[i] > logits[best]) best = i;
+    }
+    return best;
+}
+"""
 _gemm_lib: list = []  # [ctypes function or None] once tried
 _bf16_lib: list = []  # [_BF16Kernels or None] once tried
 GEMM_MAX_ROWS = 16  # more rows (a prompt): MKL's GEMM, compute-bound there
@@ -487,6 +529,10 @@ class _BF16Kernels:
         self.pack.argtypes = [P, I, I, P]
         for f in (self.gemm, self.pack):
             f.restype = None
+        self.step = lib.os_draft_step
+        F32 = ctypes.c_float
+        self.step.argtypes = [I, I, P, I, I, P, P, I, I, I, I, I, F32, F32, P, P, P, P, P, I, P, P]
+        self.step.restype = ctypes.c_int64
 
     def __deepcopy__(self, memo: dict) -> "_BF16Kernels":
         return self
@@ -500,7 +546,7 @@ def bf16_kernels() -> _BF16Kernels | None:
     try:
         if not (hasattr(torch.cpu, "_is_avx512_bf16_supported") and torch.cpu._is_avx512_bf16_supported()):
             raise RuntimeError("no AVX-512 BF16")
-        ks = _BF16Kernels(_compile(_BF16_SRC, "osbf16", ("-mavx512bf16",)))
+        ks = _BF16Kernels(_compile(_GEMM_SRC + _BF16_SRC + _STEP_SRC, "osbf16", ("-mavx512bf16",)))
         if not _bf16_self_check(ks):
             ks = None
     except Exception:  # noqa: BLE001 - any failure: fp32 readout
@@ -935,6 +981,7 @@ class LeanLM:
         self.scale = self.head_dim ** -0.5
         self.mirrors = _Mirrors()  # frozen=False: the packed copies proposals read
         self._params: list[torch.Tensor] | None = None
+        self._step_w: torch.Tensor | bool | None = None  # fused draft step's table (False: n/a)
         self.layers = [self._layer(lay) for lay in model.model.layers]
         head = model.get_output_embeddings()
         self.lm_head = PackedLinear(head.weight, head.bias) if frozen else DraftReadout(head, self.mirrors)
@@ -1054,7 +1101,7 @@ class LeanLM:
         states [n, H] when need_hidden). Appends n positions to the cache."""
         n, start = ids.numel(), cache.length
         cache.reserve(start + n)
-        mirrored = not self.frozen and not torch.is_grad_enabled() and self.sync_mirrors()
+        mirrored = not torch.is_grad_enabled() and self.sync_mirrors()
         self.mirrors.on = mirrored
         try:
             hidden = self._layers(ids, start, cache.write, pos, cache=cache)
@@ -1072,7 +1119,7 @@ class LeanLM:
     def sync_mirrors(self) -> bool:
         """frozen=False: re-pack the proposal copies if any weight's storage or version moved
         (every optimizer step and load bumps the version). False: no kernel (F.linear then)."""
-        if (self.embed.weight.dtype != torch.float32 or self.embed.weight.device.type != "cpu"
+        if (self.frozen or self.embed.weight.dtype != torch.float32 or self.embed.weight.device.type != "cpu"
                 or torch.get_num_threads() != 1 or kernels() is None):
             return False
         if self._params is None:
@@ -1084,7 +1131,63 @@ class LeanLM:
                     f.pack()
             self.lm_head.pack()
             self.mirrors.key = key
+            self._step_w = None  # the fused step's weight table: rebuilt from the new copies
         return True
+
+    def _step_table(self) -> torch.Tensor | None:
+        """Addresses of the packed copies, per layer, for the fused draft step (None: this draft
+        has a shape or part the step does not take: biases on o/down, no bf16 readout, ...)."""
+        ks = bf16_kernels()
+        c = self.model.config
+        if (ks is None or self.frozen or getattr(c, "hidden_act", None) != "silu" or not self.rope_table
+                or self.head_dim not in (16, 32, 64, 128) or self.n_heads % self.n_kv
+                or self.lm_head.wp is None or not self.embed.weight.is_contiguous()):
+            return None
+        rows = []
+        for lay in self.layers:
+            if len(lay.qkv) != 1 or len(lay.gate_up) != 1 or lay.o.bias is not None or lay.down.bias is not None:
+                return None
+            fs = (lay.qkv[0], lay.o, lay.gate_up[0], lay.down)
+            if any(f.wp is None for f in fs) or not (lay.in_norm.is_contiguous() and lay.post_norm.is_contiguous()):
+                return None
+            b = lay.qkv[0].bias
+            rows += [lay.in_norm.data_ptr(), fs[0].wp.data_ptr(), 0 if b is None else b.data_ptr(),
+                     fs[1].wp.data_ptr(), lay.post_norm.data_ptr(), fs[2].wp.data_ptr(), fs[3].wp.data_ptr()]
+        return torch.tensor(rows, dtype=torch.int64)
+
+    def draft_step(self, tok: int, cache: KVCache) -> torch.Tensor | None:
+        """frozen=False, no grad, proposal copies current (after sync_mirrors): one token at
+        position cache.length through the fused C step -> fp32 logits [V] (the cache grows by
+        one). None when the step does not apply here (the caller runs forward instead)."""
+        if self._step_w is None:
+            self._step_w = self._step_table()
+            if self._step_w is None:
+                self._step_w = False
+        if self._step_w is False:
+            return None
+        start = cache.length
+        cache.reserve(start + 1)
+        kb = cache.blocked()
+        if kb is None:
+            return None
+        cos, sin = self.rope(self.embed.weight, start, 1)
+        ctab = torch.tensor([p for li in range(len(self.layers))
+                             for p in (cache.k[li].data_ptr(), cache.v[li].data_ptr(), kb[li].data_ptr())],
+                            dtype=torch.int64)
+        H, I = self.embed.weight.shape[1], self.layers[0].down.mods[0].weight.shape[1]
+        G, nb = self.n_heads // self.n_kv, (start + 1 + 63) // 64
+        qkv = (self.n_heads + 2 * self.n_kv) * self.head_dim
+        scratch = torch.empty(4 * H + qkv + 2 * self.n_heads * self.head_dim + 3 * I + G * nb * 64 + H + 16)
+        head = self.lm_head
+        V = head.mod.weight.shape[0]
+        logits = torch.empty(V)
+        ks = head.ks
+        ks.step(int(tok), start, self.embed.weight.data_ptr(), H, len(self.layers), self._step_w.data_ptr(),
+                ctab.data_ptr(), cache.capacity, self.n_heads, self.n_kv, self.head_dim, I, self.eps,
+                self.scale, cos.data_ptr(), sin.data_ptr(), self.norm.weight.data_ptr(), head.wp.data_ptr(),
+                None if head.bias is None else head.bias.data_ptr(), V, scratch.data_ptr(), logits.data_ptr())
+        cache.length = start + 1
+        return logits
 
     def forward_after(self, ids: torch.Tensor, cache: KVCache, start: int,
                       pos: int | None = None) -> torch.Tensor:
