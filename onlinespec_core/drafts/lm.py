@@ -50,7 +50,17 @@ class LMDraft(Draft):
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
         if isinstance(self.cache, fast.KVCache):
-            logits = self.lean.forward(ids, self.cache, 1)[0][-1]
+            lean = self.lean
+            logits = None
+            # a few tokens: one at a time through the fused step (None: it does not apply here,
+            # and then it applies to none of them, so the plain forward takes them all)
+            if ids.numel() <= 4 and lean.sync_mirrors():
+                for tok in ids.tolist():
+                    logits = lean.draft_step(tok, self.cache)
+                    if logits is None:
+                        break
+            if logits is None:
+                logits = lean.forward(ids, self.cache, 1)[0][-1]
         else:
             logits = self.model(input_ids=ids[None], cache=self.cache, use_cache=True,
                                 logits_to_keep=1).logits[0, -1]
