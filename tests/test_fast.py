@@ -147,6 +147,38 @@ def test_online_updaters_reach_the_proposal_copies(family_dirs, updater):
     torch.testing.assert_close(hidden, out.hidden_states[-1][0], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.skipif(fast.bf16_kernels() is None, reason="no AVX-512 BF16 kernel here")
+def test_fused_draft_step_equals_the_lean_forward(family_dirs, tokenizer, tmp_path):
+    """One C call per drafted token computes what the lean forward on the copies computes: the
+    same logits and K/V rows (train_logits later attends to those) up to the last bit. Head size 16, two
+    layers (the shared tiny drafts have head size 8, which the attention kernel does not take)."""
+    t, _ = family_dirs["llama"]
+    d = tmp_path / "draft16"
+    make_model("llama", len(tokenizer), hidden=64, layers=2, seed=3).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    pair = osc.load_pair(target=str(t), draft=str(d))
+    lean = pair.draft.lean
+    ids = torch.tensor(pair.tokenizer(PROMPTS[2])["input_ids"])
+    with torch.inference_mode():
+        a, b = lean.new_cache(), lean.new_cache()
+        lean.forward(ids[:10], a, 1)
+        lean.forward(ids[:10], b, 1)
+        assert lean.sync_mirrors()
+        for i in range(10, 20):
+            want = lean.forward(ids[i:i + 1], a, 1)[0][-1]
+            got = lean.draft_step(int(ids[i]), b)
+            assert got is not None
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert a.length == b.length == 20
+        for li in range(len(lean.layers)):
+            # the same kernels; only silu(g) u is C's expf, not torch's (a last-bit difference)
+            torch.testing.assert_close(a.k[li][:, :20], b.k[li][:, :20], atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(a.v[li][:, :20], b.v[li][:, :20], atol=1e-6, rtol=1e-6)
+    eng = osc.Engine(pair, k=4)
+    ref = plain_greedy(t, ids.tolist(), 16)
+    assert eng.generate(ids.tolist(), 16).token_ids == ref
+
+
 def test_set_fast_off_restores_plain_hf_modules(family_dirs):
     t, d = family_dirs["gpt2"]  # generic path: Conv1D / Linear forwards replaced in place
     pair = osc.load_pair(target=str(t), draft=str(d))
