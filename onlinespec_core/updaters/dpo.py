@@ -8,17 +8,18 @@ ref = a snapshot of the draft taken at the start of each chunk (chunk cadence) o
 target's tokens (accepted path + correction)."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import require
 from ..feedback import Round
-from .gradient import (GradConfig, GradientUpdater, fp32_copy, load_list, load_optim, make_optimizer,
-                       optim_json, optim_tensors, optimizer_step, write_params)
-from .losses import dpo_loss, preference_pair, sft_loss
+from .gradient import (GradConfig, GradientUpdater, adopt_masters, aliased, fp32_copy, load_list, load_optim,
+                       make_optimizer, master_weights, optim_json, optim_tensors, optimizer_step, write_params)
+from .losses import dpo_loss, n_positions, preference_pair, sft_loss
 
 
 @dataclass
@@ -45,7 +46,7 @@ class DPOUpdater(GradientUpdater):
 
     def init_weights(self) -> None:
         c = self.cfg
-        self.master = fp32_copy(self.params)
+        self.master = master_weights(self.params)  # fp32 params: the params themselves
         self.opt = make_optimizer(c.optimizer, self.master, c.lr, c.momentum, c.weight_decay)
         self.ref = fp32_copy(self.master)
         self.ref_round = self.observed  # when the reference was taken
@@ -56,7 +57,10 @@ class DPOUpdater(GradientUpdater):
         return self.master
 
     def refresh_reference(self) -> None:
-        self.ref = fp32_copy(self.master)
+        if len(self.ref) == len(self.master) and all(r.shape == m.shape for r, m in zip(self.ref, self.master)):
+            torch._foreach_copy_(self.ref, self.master)  # into the buffers it has (no new 4 MB blocks)
+        else:
+            self.ref = fp32_copy(self.master)
         self.ref_round = self.observed
         self.ref_current = True
 
@@ -64,6 +68,9 @@ class DPOUpdater(GradientUpdater):
         self.refresh_reference()  # ref = the draft as it was at the start of this chunk
 
     def batch_losses(self, batch: list[Round]) -> torch.Tensor:
+        c = self.cfg
+        if c.merge and c.positions == "path" and self.draft.merges_rounds:
+            return self.merged_dpo_losses(batch)
         if self.cfg.mode == "sft":
             return torch.stack([sft_loss(lg, r) for lg, r in zip(self.batch_logits(batch), batch)])
         pairs = [preference_pair(r) for r in batch]
@@ -75,10 +82,8 @@ class DPOUpdater(GradientUpdater):
                                 for lg, pp, i in zip(lgs, pairs, idx) if pp is not None])
         ref = None
         if not self.ref_current:  # reference forward with the snapshot weights, before the graph
-            write_params(self.params, self.ref)
-            with torch.no_grad():
+            with self.reference_weights(), torch.no_grad():
                 ref = logps(self.batch_logits(batch))
-            write_params(self.params, self.master)
         lgs = self.batch_logits(batch)
         cur = logps(lgs)
         ref = cur.detach() if ref is None else ref
@@ -89,19 +94,97 @@ class DPOUpdater(GradientUpdater):
             return torch.cat([losses, self.cfg.sft_weight * sft])
         return losses
 
+    def merged_dpo_losses(self, batch: list[Round]) -> torch.Tensor:
+        """batch_losses for lm drafts on the path, the same terms as the per-round form: the
+        batch's rows from one forward per sequence (merged_rows), ONE log-softmax over them, the
+        pair and label log-probabilities gathered from it (per-round slices and softmaxes each
+        cost a full-size [T, V] zero tensor in backward)."""
+        c, dev = self.cfg, self.params[0].device
+        sft_on = c.mode == "sft" or c.sft_weight > 0
+        pairs = [None if c.mode == "sft" else preference_pair(r) for r in batch]
+        offs, o = [], 0
+        ms = [min(n_positions(r, c.positions), r.k) for r in batch]
+        for m in ms:
+            offs.append(o)
+            o += m
+        pr = [(offs[i] + pp[0], pp[1], pp[2]) for i, pp in enumerate(pairs) if pp is not None]
+        if pr:
+            p_rows = torch.tensor([x[0] for x in pr], device=dev)
+            p_cols = torch.tensor([[x[1], x[2]] for x in pr], device=dev)
+        ref = None
+        if pr and not self.ref_current:  # reference forward with the snapshot weights, before the graph
+            with self.reference_weights(), torch.no_grad():
+                rows, _ = self.merged_rows(batch)
+                ref = F.log_softmax(rows.index_select(0, p_rows).float(), -1).gather(1, p_cols)
+        rows, _ = self.merged_rows(batch)
+        logq = F.log_softmax(rows.float(), -1)
+        parts = []
+        if pr:
+            cur = logq.index_select(0, p_rows).gather(1, p_cols)  # [P, 2]: log pi(c), log pi(r)
+            ref = cur.detach() if ref is None else ref
+            self.pairs += cur.shape[0]
+            margin = (cur[:, 0] - ref[:, 0]) - (cur[:, 1] - ref[:, 1])
+            parts.append(-F.logsigmoid(c.beta * margin))
+        if sft_on:  # CE on the target's tokens emitted[:n], n = min(len(emitted), k, rows), per round
+            s_rows, s_lab, s_of = [], [], []
+            for i, (r, m) in enumerate(zip(batch, ms)):
+                n = min(len(r.emitted), r.k, m)
+                s_rows += range(offs[i], offs[i] + n)
+                s_lab += r.emitted[:n]
+                s_of += [i] * n
+            s_of_t = torch.tensor(s_of, device=dev, dtype=torch.long)
+            nll = -logq.index_select(0, torch.tensor(s_rows, device=dev, dtype=torch.long)).gather(
+                1, torch.tensor(s_lab, device=dev, dtype=torch.long)[:, None])[:, 0]
+            counts = torch.bincount(s_of_t, minlength=len(batch)).to(nll.dtype)
+            sft = torch.zeros(len(batch), device=dev, dtype=nll.dtype).index_add(0, s_of_t, nll) / counts
+            parts.append(sft if c.mode == "sft" else c.sft_weight * sft)
+        if not parts:
+            return logq.sum(-1)[:0]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    @contextlib.contextmanager
+    def reference_weights(self) -> Iterator[None]:
+        """The module holds the reference weights inside. Where the masters are the parameters
+        (fp32), the parameters' storage is swapped to the reference tensors and back (no copy, and
+        the live weights' versions do not move, so the proposal cache stays fresh for the main
+        forward; an lm draft is told its cache does not hold the reference's K/V meanwhile).
+        Otherwise the reference is written in and the masters written back."""
+        d = self.draft
+        if not aliased(self.params, self.master):
+            write_params(self.params, self.ref)
+            try:
+                yield
+            finally:
+                write_params(self.params, self.master)
+            return
+        live = [p.data for p in self.params]
+        lm = hasattr(d, "cache_version")
+        saved = d.cache_version if lm else None
+        try:
+            if lm:
+                d.cache_version = None  # -> the stale form: the tail's K/V under the reference
+            for p, r in zip(self.params, self.ref):
+                p.data = r
+            yield
+        finally:
+            for p, w in zip(self.params, live):
+                p.data = w
+            if lm:
+                d.cache_version = saved
+
     def step(self, batch: list[Round], n_new: int) -> bool | None:
         c = self.cfg
         if c.cadence == "rounds" and self.observed - self.ref_round >= c.ref_every:
             self.refresh_reference()
         if c.mode == "dpo" and all(preference_pair(r) is None for r in batch):
             return None  # no rejection in this batch: no preference pair
-        _, grads = self.losses_and_grads(batch)
+        _, grads = self.losses_and_grads(batch, clip=False)  # clipped inside the optimizer's kernel
         if grads is None:
             return False
-        optimizer_step(self.opt, self.master, grads)
+        optimizer_step(self.opt, self.master, grads, self.clip_scale)
         self.pull_to_offline(self.master)
         self.ref_current = False
-        write_params(self.params, self.master)
+        write_params(self.params, self.master)  # (a no-op where the masters are the params)
         return True
 
     def extra_snapshot(self) -> dict[str, Any]:
@@ -120,7 +203,7 @@ class DPOUpdater(GradientUpdater):
 
     def load_extra(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         c = self.cfg
-        self.master = load_list(tensors, "master", self.master)
+        self.master = adopt_masters(self.params, load_list(tensors, "master", self.master))
         self.ref = load_list(tensors, "ref", self.ref)
         self.opt = make_optimizer(c.optimizer, self.master, c.lr, c.momentum, c.weight_decay)
         load_optim(self.opt, tensors, meta["opt"], "opt")

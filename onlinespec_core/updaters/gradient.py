@@ -50,6 +50,8 @@ class GradConfig:
     seed: int = 0  # minibatch order in chunk cadence
     anchor: float = 0.02  # after each step pull the weights toward the offline draft: w -= anchor * (w - w0)
     #                       (0 = off; measured on the warmed demo draft: less forgetting across topics)
+    train: str = "all"  # all | layers = every weight but the vocabulary matrices (input embedding,
+    #                     output head: [V, H] each, most of an lm draft's weights and of a step's cost)
 
     def validate(self, name: str) -> None:
         require(self.optimizer in ("sgd", "adam"), f"{name}: optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
@@ -64,6 +66,7 @@ class GradConfig:
         require(self.max_grad_norm >= 0, f"{name}: max_grad_norm must be >= 0 (0 = off)")
         require(self.feature_weight >= 0, f"{name}: feature_weight must be >= 0")
         require(0 <= self.anchor < 1, f"{name}: anchor must be in [0, 1) (a fraction per step; 0 = off)")
+        require(self.train in ("all", "layers"), f"{name}: train must be 'all' or 'layers', got {self.train!r}")
 
 
 # ---- tensors ---------------------------------------------------------------------------
@@ -74,14 +77,51 @@ def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return ps
 
 
+def vocab_matrices(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The module's input embedding and output head weights (one if tied), where it has them."""
+    out = []
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        f = getattr(module, get, None)
+        m = f() if callable(f) else None
+        w = getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor) and not any(w is x for x in out):
+            out.append(w)
+    return out
+
+
 def fp32_copy(ts: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t.detach().to(torch.float32, copy=True) for t in ts]
 
 
+def master_weights(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """fp32 master weights for an updater whose deployed weights are its masters (ogd, dpo): the
+    parameters themselves (detached aliases: same storage and version counter, so an optimizer
+    step writes the module directly, with no copy) when every one is fp32, else fp32 copies."""
+    if all(p.dtype == torch.float32 for p in params):
+        return [p.detach() for p in params]
+    return fp32_copy(params)
+
+
+def adopt_masters(params: list[torch.nn.Parameter], values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Loaded master values -> the masters master_weights would hold (written into the aliased
+    parameters, or kept as the copies)."""
+    if all(p.dtype == torch.float32 for p in params):
+        write_params(params, values)
+        return [p.detach() for p in params]
+    return values
+
+
+def aliased(params: list[torch.nn.Parameter], values: list[torch.Tensor]) -> bool:
+    return all(p.data_ptr() == v.data_ptr() and p.shape == v.shape for p, v in zip(params, values))
+
+
 @torch.no_grad()
 def write_params(params: list[torch.nn.Parameter], values: list[torch.Tensor]) -> None:
-    """Deploy fp32 values into the module's parameters (one cast, in place)."""
+    """Deploy fp32 values into the module's parameters (one cast, in place); a value that is the
+    parameter's own storage (master_weights) is skipped."""
     for p, v in zip(params, values):
+        if p.data_ptr() == v.data_ptr() and p.shape == v.shape and p.stride() == v.stride():
+            continue
         p.copy_(v)
 
 
@@ -115,12 +155,25 @@ def make_optimizer(kind: str, tensors: list[torch.Tensor], lr: float, momentum: 
     return torch.optim.Adam(tensors, lr=lr, weight_decay=weight_decay, fused=True)
 
 
-def optimizer_step(opt: torch.optim.Optimizer, masters: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+def optimizer_step(opt: torch.optim.Optimizer, masters: list[torch.Tensor], grads: list[torch.Tensor],
+                   scale: float = 1.0) -> None:
+    """One step on grads / scale (scale: losses_and_grads(clip=False)'s clip divisor). Fused Adam
+    divides inside its kernel (grad_scale): no separate pass over the gradients to clip them."""
+    fused = bool(opt.defaults.get("fused"))
+    if scale != 1.0:
+        if fused:
+            opt.grad_scale = torch.tensor(scale, dtype=torch.float32, device=grads[0].device)
+        else:
+            torch._foreach_div_(grads, scale)
     for m, g in zip(masters, grads):
         m.grad = g
-    opt.step()
-    for m in masters:
-        m.grad = None
+    try:
+        opt.step()
+    finally:
+        if fused:
+            opt.grad_scale = None
+        for m in masters:
+            m.grad = None
 
 
 def optim_tensors(opt: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:
@@ -250,6 +303,10 @@ class GradientUpdater(Updater):
     # -- protocol --
     def attach(self, draft: Draft) -> None:
         params = trainable(draft.module)
+        if self.cfg.train == "layers":
+            vocab = vocab_matrices(draft.module)
+            params = [p for p in params if not any(p is v for v in vocab)]
+            require(bool(params), f"{self.name}: train='layers' leaves no trainable weight in this draft")
         require(all_finite(params), f"{self.name}: the draft's weights contain NaN or inf, so the guard "
                                     "would restore broken weights; reload the draft before training it")
         self.draft, self.params = draft, params
@@ -404,8 +461,6 @@ class GradientUpdater(Updater):
             first = batch[g[0]]
             logits = self.draft.train_logits(sequence_round([batch[i] for i in g], ms[g[-1]]))
             offs = [batch[i].context_len - first.context_len for i in g]
-            if offs == list(range(0, offs[-1] + 1)) and False:
-                pass
             idx = torch.cat([torch.arange(o, o + ms[i]) for o, i in zip(offs, g)])
             rows.append(logits.index_select(0, idx.to(logits.device)))
         return (rows[0] if len(rows) == 1 else torch.cat(rows)), ms

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from ..feedback import Round
-from .gradient import (GradConfig, GradientUpdater, fp32_copy, load_list, load_optim, make_optimizer,
-                       optim_json, optim_tensors, optimizer_step, write_params)
+from .gradient import (GradConfig, GradientUpdater, adopt_masters, load_list, load_optim, make_optimizer,
+                       master_weights, optim_json, optim_tensors, optimizer_step, write_params)
 
 
 @dataclass
@@ -25,19 +25,19 @@ class OGDUpdater(GradientUpdater):
 
     def init_weights(self) -> None:
         c = self.cfg
-        self.master = fp32_copy(self.params)
+        self.master = master_weights(self.params)  # fp32 params: the params themselves
         self.opt = make_optimizer(c.optimizer, self.master, c.lr, c.momentum, c.weight_decay)
 
     def deployed(self) -> list[torch.Tensor]:
         return self.master
 
     def step(self, batch: list[Round], n_new: int) -> bool:
-        _, grads = self.losses_and_grads(batch)
+        _, grads = self.losses_and_grads(batch, clip=False)  # clipped inside the optimizer's kernel
         if grads is None:
             return False
-        optimizer_step(self.opt, self.master, grads)
+        optimizer_step(self.opt, self.master, grads, self.clip_scale)
         self.pull_to_offline(self.master)
-        write_params(self.params, self.master)
+        write_params(self.params, self.master)  # (a no-op where the masters are the params)
         return True
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
@@ -48,6 +48,6 @@ class OGDUpdater(GradientUpdater):
 
     def load_extra(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         c = self.cfg
-        self.master = load_list(tensors, "master", self.master)
+        self.master = adopt_masters(self.params, load_list(tensors, "master", self.master))
         self.opt = make_optimizer(c.optimizer, self.master, c.lr, c.momentum, c.weight_decay)
         load_optim(self.opt, tensors, meta["opt"], "opt")

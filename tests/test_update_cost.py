@@ -1,0 +1,141 @@
+"""The cheaper lm-draft update step (issue 12) computes what the plain forms compute: DPO's merged
+losses equal the per-round ones, the reference forward leaves the live weights (and the proposal
+cache) as they were, fp32 masters are the parameters themselves, the lean re-read of another
+sequence's round equals HF's (values and gradient), and train='layers' leaves the vocabulary
+matrices alone. No timing here (benchmarks measure cost)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import onlinespec_core as osc
+from onlinespec_core.updaters import make_updater
+from onlinespec_core.updaters.dpo import DPOUpdater
+from onlinespec_core.updaters.gradient import aliased, vocab_matrices
+
+
+def llama_pair(pair_dirs):
+    t, d = pair_dirs["llama"]
+    return osc.load_pair(target=str(t), draft=str(d))
+
+
+@pytest.fixture(scope="module")
+def rounds(pair_dirs):
+    pair = llama_pair(pair_dirs)
+    eng = osc.Engine(pair, k=4, keep_distributions=True)
+    rs = eng.generate("def add(a, b):", max_new_tokens=40).rounds
+    rs += eng.generate("Tom has 3 apples", max_new_tokens=24).rounds
+    return [r for r in rs if r.k > 0]
+
+
+@pytest.mark.parametrize("opts", [{}, {"mode": "sft"}, {"sft_weight": 0.0}])
+def test_merged_dpo_losses_equal_the_per_round_form(pair_dirs, rounds, opts):
+    batch = rounds[:10]  # spans both prompts: two sequences
+    ups = []
+    for merge in (True, False):
+        up = DPOUpdater(merge=merge, every=4, batch=4, lr=1e-2, **opts)
+        up.attach(llama_pair(pair_dirs).draft)
+        for r in rounds[10:18]:  # a few steps: the reference now differs from the weights
+            up.observe(r)
+        ups.append(up)
+    a, b = ups
+    assert a.updates > 0 and not a.ref_current and not b.ref_current
+    for x, y in zip(a.params, b.params):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+    with torch.enable_grad():
+        la, lb = a.batch_losses(batch), b.batch_losses(batch)
+        torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-5)
+        ga = torch.autograd.grad(la.mean(), a.params, allow_unused=True)
+        gb = torch.autograd.grad(lb.mean(), b.params, allow_unused=True)
+    for x, y in zip(ga, gb):
+        if x is None or y is None:
+            assert x is None and y is None
+            continue
+        torch.testing.assert_close(x.to_dense(), y.to_dense(), rtol=1e-3, atol=1e-5)
+
+
+def test_reference_forward_swaps_storage_and_back(pair_dirs, rounds):
+    pair = llama_pair(pair_dirs)
+    up = DPOUpdater(every=2, batch=2, lr=1e-2)
+    up.attach(pair.draft)
+    assert aliased(up.params, up.master)  # fp32 draft: the masters are the parameters
+    for r in rounds[:6]:
+        up.observe(r)
+    live = [p.detach().clone() for p in up.params]
+    ptrs = [p.data_ptr() for p in up.params]
+    versions = [p._version for p in up.params]
+    d = pair.draft
+    d.cache_version = 12345
+    with up.reference_weights():
+        for p, r in zip(up.params, up.ref):
+            assert torch.equal(p.data, r)
+        assert d.cache_version is None  # the proposal cache does not hold the reference's K/V
+    assert d.cache_version == 12345
+    assert [p.data_ptr() for p in up.params] == ptrs and [p._version for p in up.params] == versions
+    for p, w in zip(up.params, live):
+        assert torch.equal(p.data, w)
+
+
+@pytest.mark.parametrize("name", ["ogd", "dpo"])
+def test_masters_are_the_parameters_and_steps_reach_the_module(pair_dirs, rounds, name):
+    pair = llama_pair(pair_dirs)
+    up = make_updater(name, every=2, batch=2)
+    up.attach(pair.draft)
+    before = [p.detach().clone() for p in up.params]
+    for r in rounds[:6]:
+        up.observe(r)
+    assert up.updates > 0
+    for p, m, b in zip(up.params, up.master, before):
+        assert p.data_ptr() == m.data_ptr()
+    assert any(not torch.equal(p.data, b) for p, b in zip(up.params, before))
+
+
+def test_bf16_draft_keeps_fp32_master_copies(pair_dirs, rounds):
+    pair = llama_pair(pair_dirs)
+    pair.draft.module.to(torch.bfloat16)
+    up = make_updater("dpo", every=2, batch=2)
+    up.attach(pair.draft)
+    assert all(m.dtype == torch.float32 for m in up.master) and not aliased(up.params, up.master)
+
+
+def test_other_sequence_round_lean_reread_equals_hf(pair_dirs, rounds):
+    """A round of another sequence (no fresh proposal cache): the lean re-read of its tail gives
+    HF's logits and HF's gradient (grad through the whole tail)."""
+    pair = llama_pair(pair_dirs)
+    draft = pair.draft
+    assert draft.lean is not None
+    r = rounds[3]
+    assert draft._context_state(r) is None
+    params = [p for p in draft.module.parameters()]
+    out = []
+    for reuse in (True, False):
+        draft.reuse_cache = reuse
+        with torch.enable_grad():
+            lg = draft.train_logits(r)
+            g = torch.autograd.grad(torch.log_softmax(lg, -1)[:, 7].sum(), params, allow_unused=True)
+        out.append((lg.detach(), g))
+    draft.reuse_cache = True
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-4, atol=1e-4)
+    for a, b in zip(out[0][1], out[1][1]):
+        if a is None or b is None:
+            assert a is None and b is None
+            continue
+        torch.testing.assert_close(a.to_dense(), b.to_dense(), rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["ogd", "dpo"])
+def test_train_layers_leaves_the_vocabulary_matrices(pair_dirs, rounds, name):
+    pair = llama_pair(pair_dirs)
+    vocab = [v.detach().clone() for v in vocab_matrices(pair.draft.module)]
+    assert vocab
+    up = make_updater(name, every=2, batch=2, train="layers")
+    up.attach(pair.draft)
+    before = [p.detach().clone() for p in up.params]
+    for r in rounds[:6]:
+        up.observe(r)
+    assert up.updates > 0
+    for v, w in zip(vocab_matrices(pair.draft.module), vocab):
+        assert torch.equal(v, w)
+    assert any(not torch.equal(p.data, b) for p, b in zip(up.params, before))
+    with pytest.raises(osc.OnlineSpecError, match="train must be"):
+        make_updater(name, train="head")
