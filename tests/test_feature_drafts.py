@@ -152,6 +152,7 @@ def test_train_logits_recompute_the_proposal(pair_dirs, arch, kind):
     """train_logits(round) == the logits the draft proposed with, with grad into the head only."""
     pair = feature_pair(pair_dirs, arch, kind)
     warm_up(pair, TEXT, steps=5, batch_size=2, seq_len=32)
+    pair.draft.readout.bf16 = False  # exact: proposals read out in fp32, as training does
     eng = osc.Engine(pair, k=4, keep_distributions=True)
     rounds = []
     for prompt in PROMPTS[1:]:  # two prompts: records of the first survive the second's reset
@@ -192,6 +193,7 @@ def offline_first_logits(draft, target, seq: list[int], shift: int = 1) -> torch
 def test_training_is_aligned_with_inference(pair_dirs, kind):
     pair = feature_pair(pair_dirs, "llama", kind, **({"prefix": True} if kind == "hydra" else {}))
     warm_up(pair, TEXT, steps=5, batch_size=2, seq_len=32)
+    pair.draft.readout.bf16 = False  # compare the fp32 readout row for row
     ids = pair.tokenizer(PROMPTS[2])["input_ids"]
     out = osc.Engine(pair, k=3, keep_distributions=True).generate(ids, max_new_tokens=24)
     seq = ids + out.token_ids
@@ -314,6 +316,7 @@ def test_train_logits_without_the_proposal_record(pair_dirs, kind):
     proposal; train_logits re-reads the context tail with the target (exact for short contexts)."""
     pair = feature_pair(pair_dirs, "llama", kind)
     warm_up(pair, TEXT, steps=5, batch_size=2, seq_len=32)
+    pair.draft.readout.bf16 = False
     out = osc.Engine(pair, k=4, keep_distributions=True).generate(PROMPTS[1], max_new_tokens=16)
     pair.draft.records.clear()
     for r in out.rounds:
@@ -333,3 +336,34 @@ def test_shipped_demo_heads_load_and_stay_lossless(kind):
     pair.target.generation_config.eos_token_id = None
     ids = pair.tokenizer("The weather on Saturday will be")["input_ids"]
     assert osc.Engine(pair, k=4).generate(ids, max_new_tokens=16).token_ids == hf_greedy(pair.target, ids, 16)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_proposals_read_tokens_through_a_bf16_copy_of_the_lm_head(pair_dirs, kind):
+    """Where the CPU has the bf16 kernel a proposal's readout is bf16(f) bf16(W)^T with fp32
+    sums (full vocabulary and a reduced one); training keeps fp32; the output stays the target's."""
+    from onlinespec_core import fast
+    if fast.bf16_kernels() is None:
+        pytest.skip("no AVX-512 BF16 kernel here")
+    pair = feature_pair(pair_dirs, "llama", kind)
+    ro = pair.draft.readout
+    w = ro.lm_head.weight.detach()
+    f = torch.randn(3, w.shape[1])
+    for subset in (None, torch.arange(0, w.shape[0], 3)):
+        ro.set_vocab(subset)
+        with torch.no_grad():
+            got = ro.logits(f)
+        rows = w if subset is None else w[subset]
+        ref = (f.bfloat16().double() @ rows.bfloat16().double().t()).float()
+        sub = got if subset is None else got[:, subset]
+        torch.testing.assert_close(sub, ref, atol=1e-4, rtol=1e-4)
+        if subset is not None:
+            assert torch.isinf(got[:, 1]).all()  # outside the subset: q = 0
+        with torch.enable_grad():
+            exact = ro.logits(f.requires_grad_(True))  # the training form: fp32
+        exact = exact.detach() if subset is None else exact.detach()[:, subset]
+        assert (exact - sub).abs().max() < 0.05 * float(exact.abs().max()) + 1e-3
+        f = f.detach()
+    ro.set_vocab(None)
+    ids = pair.tokenizer(PROMPTS[2])["input_ids"]
+    assert osc.Engine(pair, k=4).generate(ids, max_new_tokens=20).token_ids == hf_greedy(pair.target, ids, 20)

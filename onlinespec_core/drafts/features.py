@@ -65,6 +65,10 @@ class Readout:
         self.norm = None if features_are_normed(target) else final_norm(target)
         self.subset: torch.Tensor | None = None  # draft vocabulary (sorted target ids) or None
         self._sub: Any = None
+        # proposals (no grad) read tokens through a bf16 copy of the frozen lm_head (rows of the
+        # subset), packed once, where the CPU has the bf16 kernel; False: fp32 always
+        self.bf16 = True
+        self._bf16: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def set_vocab(self, ids: torch.Tensor | None) -> None:
         from ..fast import PackedLinear
@@ -77,6 +81,7 @@ class Readout:
         b = self.lm_head.bias
         self.subset = ids
         self._sub = PackedLinear(self.lm_head.weight.detach()[ids], None if b is None else b.detach()[ids])
+        self._bf16 = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -90,6 +95,12 @@ class Readout:
         x = feat.to(self.lm_head.weight.device, self.dtype)
         if self.norm is not None:
             x = self.norm(x)
+        z = self._bf16_logits(x)
+        if z is not None:
+            if self.subset is None:
+                return pad_vocab(z, self.vocab_size)
+            full = z.new_full((*z.shape[:-1], self.vocab_size), float("-inf"))
+            return full.index_copy(-1, self.subset, z)
         if self.subset is not None:
             z = self._sub(x).float()
             full = z.new_full((*z.shape[:-1], self.vocab_size), float("-inf"))
@@ -98,6 +109,30 @@ class Readout:
         lean = lean_of(self.target)
         head = lean.lm_head if lean is not None else self.lm_head
         return pad_vocab(head(x).float(), self.vocab_size)
+
+
+    def _bf16_logits(self, x: torch.Tensor) -> torch.Tensor | None:
+        """A proposal's readout (no grad, fp32, CPU, one thread, few rows) through the bf16
+        kernel: 6.3 MB read per token instead of the demo target's 12.6 MB lm_head. A draft's
+        logits only choose what it proposes (the target checks every token), so this changes
+        no output; the training form (grad) keeps the fp32 readout. None: not applicable."""
+        from .. import fast
+        if (not self.bf16 or torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu"
+                or torch.get_num_threads() != 1):
+            return None
+        ks = fast.bf16_kernels()
+        rows = x.numel() // x.shape[-1]
+        if ks is None or rows > fast.DRAFT_MAX_ROWS:
+            return None
+        if self._bf16 is None:
+            w, b = self.lm_head.weight.detach(), self.lm_head.bias
+            if self.subset is not None:
+                w, b = w[self.subset], None if b is None else b.detach()[self.subset]
+            self._bf16 = (fast.pack_bf16(ks, w.float()), None if b is None else b.detach().float().contiguous())
+        wp, b = self._bf16
+        n = self.lm_head.weight.shape[0] if self.subset is None else self.subset.numel()
+        y = fast._gemm_bf16(ks, x.reshape(rows, x.shape[-1]).contiguous(), wp, n, b)
+        return y.view(*x.shape[:-1], n)
 
 
 def top_tokens(tokens: torch.Tensor, n: int, vocab_size: int, always: tuple[int, ...] = ()) -> torch.Tensor:
