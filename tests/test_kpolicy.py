@@ -124,3 +124,14 @@ def test_proposal_cost_has_a_fixed_part_and_prompts_reset_most_of_a():
     assert p.accepted + p.rejected < 0.5 * before
     p.observe(_round(1, 1, 3e-4, 4e-3), prefill=False)  # ... so its first accepted probe moves a far
     assert p.alpha > 0.25  # (it was < 0.1)
+
+
+def test_a_probe_still_corrects_an_estimate_above_it():
+    """A noisy moment can leave t(n) or D(k) high enough that k = 0 wins for good; a probe's
+    timings (an upper bound on a drafting round's) then pull an estimate above them down."""
+    p = CostK(k_max=4)
+    p.observe(_round(1, 1, 5e-3, 20e-3), prefill=False)  # a slow moment: D(1) 5 ms, t(2) 20 ms
+    for _ in range(10):
+        p.observe(_round(0, 0, 0.0, 4e-3), prefill=False)
+    p.observe(_round(1, 1, 1e-3, 6e-3), prefill=False)  # a probe, cheaper than both estimates
+    assert p.draft_of(1) < 5e-3 and p.t_of(2) < 20e-3
