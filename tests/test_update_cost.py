@@ -139,3 +139,68 @@ def test_train_layers_leaves_the_vocabulary_matrices(pair_dirs, rounds, name):
     assert any(not torch.equal(p.data, b) for p, b in zip(up.params, before))
     with pytest.raises(osc.OnlineSpecError, match="train must be"):
         make_updater(name, train="head")
+
+
+def test_head_rows_keeps_logits_and_layer_gradients_and_trains_the_rows(pair_dirs, rounds):
+    """head_rows: the same logits and the same gradient for every weight but the vocabulary
+    matrix, whose gradient is the exact one on the support rows and absent elsewhere."""
+    pair = llama_pair(pair_dirs)
+    draft = pair.draft
+    r = rounds[5]
+    params = list(draft.module.parameters())
+    w = draft.module.get_output_embeddings().weight
+    out = []
+    for sup in (None, (torch.tensor([3, 7, 11]), 4)):
+        draft.train_support = sup
+        with torch.enable_grad():
+            lg = draft.train_logits(r)
+            g = torch.autograd.grad(torch.log_softmax(lg, -1)[:, 7].sum(), params, allow_unused=True)
+        out.append((lg.detach(), g))
+    draft.train_support = None
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-5, atol=1e-5)
+    for p, a, b in zip(params, out[0][1], out[1][1]):
+        if p is w:
+            assert b.is_sparse
+            b = b.coalesce()
+            rows = b.indices()[0]
+            assert {3, 7, 11} <= set(rows.tolist()) and rows.numel() < w.shape[0]
+            torch.testing.assert_close(b.to_dense()[rows], a.to_dense()[rows], rtol=1e-4, atol=1e-6)
+        elif a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ogd", "dpo"])
+def test_head_rows_steps_move_only_support_rows(pair_dirs, rounds, name):
+    pair = llama_pair(pair_dirs)
+    w = pair.draft.module.get_output_embeddings().weight
+    w0 = w.detach().clone()
+    up = make_updater(name, every=2, batch=2, head_rows=2)
+    up.attach(pair.draft)
+    for r in rounds[:8]:
+        up.observe(r)
+    assert up.updates > 0 and up.skipped == 0
+    moved = (w.detach() != w0).any(-1)
+    assert 0 < int(moved.sum()) < w.shape[0]  # some rows learnt, most untouched
+    with pytest.raises(osc.OnlineSpecError, match="head_rows"):
+        bad = make_updater("optimistic", every=1, batch=1, head_rows=2)
+        bad.attach(llama_pair(pair_dirs).draft)
+        bad.observe(rounds[0])
+
+
+@pytest.mark.parametrize("opts", [{"every": 2}, {"every": 2, "head_rows": 4}])
+def test_dpo_save_load_continues_exactly(pair_dirs, tmp_path, opts):
+    t, d = pair_dirs["llama"]
+    a_pair = osc.load_pair(target=str(t), draft=str(d))
+    a = osc.Engine(a_pair, k=3, updater="dpo", updater_options={**opts, "ref_every": 6, "lr": 1e-2})
+    for p in ("def add(a, b):", "Tom has 3 apples"):
+        a.generate(p, max_new_tokens=20)
+    a.save_state(tmp_path / "s")
+    rest = ["def add(a, b):", "SELECT name"]
+    want = [a.generate(p, max_new_tokens=20).token_ids for p in rest]
+    b_pair = osc.load_pair(target=str(t), draft=str(d))
+    b = osc.Engine(b_pair, k=3)
+    b.load_state(tmp_path / "s")
+    got = [b.generate(p, max_new_tokens=20).token_ids for p in rest]
+    assert got == want and b.updater.stats() == a.updater.stats()
+    for x, y in zip(a_pair.draft.module.parameters(), b_pair.draft.module.parameters()):
+        assert torch.equal(x, y)

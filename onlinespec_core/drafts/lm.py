@@ -126,12 +126,12 @@ class LMDraft(Draft):
             ids = torch.cat([rnd.context_tail.to(self.device), drafted])
             start = rnd.context_len - rnd.context_tail.numel()  # same positions as at drafting time
             hidden = lean._layers(ids, 0, lambda li, k, v: (k, v), start)
-            return pad_vocab(lean.lm_head(hidden[-rnd.k:]), self.vocab_size)
+            return pad_vocab(self._train_head(lean, hidden[-rnd.k:]), self.vocab_size)
         if state is not None:
             drafted = torch.tensor(rnd.drafted[:-1], dtype=torch.long, device=self.device)
             ids = torch.cat([rnd.context_tail[-1:].to(self.device), drafted])
             if state == "fresh":  # the proposal's own K/V: only the drafted rows run, with grad
-                return pad_vocab(lean.forward_after(ids, self.cache, rnd.context_len - 1), self.vocab_size)
+                return pad_vocab(self._after(lean, ids, self.cache, rnd.context_len - 1), self.vocab_size)
             # stale (another expert's weights): the tail's K/V under the current weights, no
             # grad, then the same form; the proposal ran the same, so no gradient flows there
             tail = rnd.context_tail.to(self.device)
@@ -143,7 +143,7 @@ class LMDraft(Draft):
                 with torch.no_grad():
                     lean._layers(tail[:-1], 0, ctx.write, rnd.context_len - tail.numel())
                 ctx.length = n
-            return pad_vocab(lean.forward_after(ids, ctx, ctx.length, pos=rnd.context_len - 1),
+            return pad_vocab(self._after(lean, ids, ctx, ctx.length, pos=rnd.context_len - 1),
                              self.vocab_size)
         # no fast path (or reuse_cache off): HF's forward re-reads the tail, grad through all
         drafted = torch.tensor(rnd.drafted[:-1], dtype=torch.long, device=rnd.context_tail.device)
@@ -153,6 +153,39 @@ class LMDraft(Draft):
         logits = self.model(input_ids=ids, position_ids=pos, use_cache=False,
                             logits_to_keep=rnd.k).logits[0]
         return pad_vocab(logits, self.vocab_size)
+
+    # -- the training head (updaters' option head_rows) --
+    # train_support = (token ids, n): the output head's gradient reaches only the rows of those
+    # tokens and of the draft's own top-n at each row (sparse, like the tied embedding's input
+    # side); the logits and every other gradient (hidden states, layers) stay the full ones.
+    train_support: tuple[torch.Tensor, int] | None = None
+
+    def _after(self, lean: fast.LeanLM, ids: torch.Tensor, cache: fast.KVCache, start: int,
+               pos: int | None = None) -> torch.Tensor:
+        if self.train_support is None or not torch.is_grad_enabled():
+            return lean.forward_after(ids, cache, start, pos)
+
+        def kv(li: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return (torch.cat([cache.k[li][:, :start].clone(), k], dim=1),  # as forward_after
+                    torch.cat([cache.v[li][:, :start].clone(), v], dim=1))
+        return self._train_head(lean, lean._layers(ids, start, kv, pos))
+
+    def _train_head(self, lean: fast.LeanLM, hidden: torch.Tensor) -> torch.Tensor:
+        sup = self.train_support
+        head = lean.lm_head.mod
+        if sup is None or not torch.is_grad_enabled() or not isinstance(head, torch.nn.Linear):
+            return lean.lm_head(hidden)
+        tokens, n = sup
+        w = head.weight
+        logits = torch.nn.functional.linear(hidden, w.detach(), head.bias)  # grad -> hidden (all columns)
+        rows = [tokens.to(logits.device)]
+        if n > 0:
+            with torch.no_grad():
+                rows.append(logits.topk(min(n, logits.shape[-1]), -1).indices.reshape(-1))
+        rows_t = torch.unique(torch.cat(rows))
+        ws = torch.nn.functional.embedding(rows_t, w, sparse=True)  # [S, H], sparse grad into w
+        part = hidden.detach() @ ws.t()  # value 0 below; its gradient: d logits[:, S]^T hidden
+        return logits.index_add(1, rows_t, part - part.detach())
 
     def offline_loss(self, ids: torch.Tensor, feats: torch.Tensor | None, target_logits: torch.Tensor,
                      generator: torch.Generator | None = None,

@@ -42,6 +42,7 @@ class DPOConfig(GradConfig):
 
 class DPOUpdater(GradientUpdater):
     name = "dpo"
+    sparse_rows_ok = True  # option head_rows
     Config = DPOConfig
 
     def init_weights(self) -> None:
@@ -55,6 +56,10 @@ class DPOUpdater(GradientUpdater):
 
     def deployed(self) -> list[torch.Tensor]:
         return self.master
+
+    @property
+    def reads_target_logits(self) -> bool:  # pairs and labels are tokens: no [m, V] copy per round
+        return self.cfg.feature_weight > 0  # (feature drafts' train_terms may read them)
 
     def refresh_reference(self) -> None:
         if len(self.ref) == len(self.master) and all(r.shape == m.shape for r, m in zip(self.ref, self.master)):
@@ -174,14 +179,14 @@ class DPOUpdater(GradientUpdater):
 
     def step(self, batch: list[Round], n_new: int) -> bool | None:
         c = self.cfg
-        if c.cadence == "rounds" and self.observed - self.ref_round >= c.ref_every:
-            self.refresh_reference()
+        if c.cadence == "rounds" and self.observed - self.ref_round >= c.ref_every and c.mode == "dpo":
+            self.refresh_reference()  # (sft reads no reference: no copy of every weight)
         if c.mode == "dpo" and all(preference_pair(r) is None for r in batch):
             return None  # no rejection in this batch: no preference pair
         _, grads = self.losses_and_grads(batch, clip=False)  # clipped inside the optimizer's kernel
         if grads is None:
             return False
-        optimizer_step(self.opt, self.master, grads, self.clip_scale)
+        self.stepped_rows = optimizer_step(self.opt, self.master, grads, self.clip_scale)
         self.pull_to_offline(self.master)
         self.ref_current = False
         write_params(self.params, self.master)  # (a no-op where the masters are the params)

@@ -52,6 +52,10 @@ class GradConfig:
     #                       (0 = off; measured on the warmed demo draft: less forgetting across topics)
     train: str = "all"  # all | layers = every weight but the vocabulary matrices (input embedding,
     #                     output head: [V, H] each, most of an lm draft's weights and of a step's cost)
+    head_rows: int = 0  # lm drafts, ogd/dpo: 0 = the exact gradient; N > 0 = the output head learns on
+    #                     the rows of the batch's tokens and of the draft's top-N at each position only
+    #                     (sparse rows, lazy Adam on them, the anchor on them; logits and the hidden
+    #                     states' gradient stay exact): a step no longer passes over the [V, H] matrix
 
     def validate(self, name: str) -> None:
         require(self.optimizer in ("sgd", "adam"), f"{name}: optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
@@ -67,6 +71,8 @@ class GradConfig:
         require(self.feature_weight >= 0, f"{name}: feature_weight must be >= 0")
         require(0 <= self.anchor < 1, f"{name}: anchor must be in [0, 1) (a fraction per step; 0 = off)")
         require(self.train in ("all", "layers"), f"{name}: train must be 'all' or 'layers', got {self.train!r}")
+        require(isinstance(self.head_rows, int) and self.head_rows >= 0,
+                f"{name}: head_rows must be an integer >= 0 (0 = the exact gradient)")
 
 
 # ---- tensors ---------------------------------------------------------------------------
@@ -155,10 +161,53 @@ def make_optimizer(kind: str, tensors: list[torch.Tensor], lr: float, momentum: 
     return torch.optim.Adam(tensors, lr=lr, weight_decay=weight_decay, fused=True)
 
 
+@torch.no_grad()
+def sparse_rows_step(opt: torch.optim.Optimizer, master: torch.Tensor, grad: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """The optimizer's step on the rows a sparse (coalesced) gradient touches; the others keep
+    their values and moments (lazy Adam, as torch's SparseAdam: bias correction by the tensor's
+    own step count). The state lives in opt.state[master] under Adam's names, so the saved
+    state round-trips. Returns the rows."""
+    idx, vals = grad.indices()[0], grad.values()
+    if scale != 1.0:
+        vals = vals / scale
+    group = opt.param_groups[0]
+    lr = group["lr"]
+    if not isinstance(opt, torch.optim.Adam):  # sgd (momentum ignored on lazy rows)
+        master.index_add_(0, idx, vals, alpha=-lr)
+        return idx
+    b1, b2 = group["betas"]
+    eps = group["eps"]
+    st = opt.state[master]
+    if not st:
+        st["step"] = torch.tensor(0.0)
+        st["exp_avg"] = torch.zeros_like(master)
+        st["exp_avg_sq"] = torch.zeros_like(master)
+    st["step"] += 1
+    t = float(st["step"])
+    m = st["exp_avg"].index_select(0, idx).mul_(b1).add_(vals, alpha=1 - b1)
+    v = st["exp_avg_sq"].index_select(0, idx).mul_(b2).addcmul_(vals, vals, value=1 - b2)
+    st["exp_avg"].index_copy_(0, idx, m)
+    st["exp_avg_sq"].index_copy_(0, idx, v)
+    upd = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt_().add_(eps))
+    master.index_add_(0, idx, upd, alpha=-lr)
+    return idx
+
+
 def optimizer_step(opt: torch.optim.Optimizer, masters: list[torch.Tensor], grads: list[torch.Tensor],
-                   scale: float = 1.0) -> None:
+                   scale: float = 1.0) -> dict[int, torch.Tensor]:
     """One step on grads / scale (scale: losses_and_grads(clip=False)'s clip divisor). Fused Adam
-    divides inside its kernel (grad_scale): no separate pass over the gradients to clip them."""
+    divides inside its kernel (grad_scale): no separate pass over the gradients to clip them.
+    Sparse gradients (option head_rows) step only their rows: {index: rows} of those."""
+    rows: dict[int, torch.Tensor] = {}
+    if any(g.is_sparse for g in grads):
+        for i, (m, g) in enumerate(zip(masters, grads)):
+            if g.is_sparse:
+                rows[i] = sparse_rows_step(opt, m, g, scale)
+        dense = [(m, g) for m, g in zip(masters, grads) if not g.is_sparse]
+        masters, grads = [m for m, _ in dense], [g for _, g in dense]
+        if not masters:
+            return rows
     fused = bool(opt.defaults.get("fused"))
     if scale != 1.0:
         if fused:
@@ -174,6 +223,7 @@ def optimizer_step(opt: torch.optim.Optimizer, masters: list[torch.Tensor], grad
             opt.grad_scale = None
         for m in masters:
             m.grad = None
+    return rows
 
 
 def optim_tensors(opt: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:
@@ -325,7 +375,13 @@ class GradientUpdater(Updater):
         c = self.cfg
         self.observed += 1
         loss = self.last_online_loss = online_loss(rnd, c.loss, c.positions, c.temperature)
-        return Update(self._take(training_copy(rnd, n_positions(rnd, c.positions))), loss)
+        rows = n_positions(rnd, c.positions) if self.reads_target_logits else 0
+        return Update(self._take(training_copy(rnd, rows)), loss)
+
+    @property
+    def reads_target_logits(self) -> bool:
+        """Does a step read the buffered rounds' target logits (dpo/sft: the tokens only)?"""
+        return True
 
     def _take(self, item: Round) -> bool:
         """Buffer one round; step when the cadence says so. True when the weights changed."""
@@ -397,7 +453,17 @@ class GradientUpdater(Updater):
         """The anchor (option `anchor`, a fraction per step): w <- w - anchor * (w - w0), w0 = the
         draft as attached (the offline weights): bounds how far a run of one topic can drift."""
         if self.cfg.anchor > 0 and self.offline:
-            anchor_(tensors, self.offline, self.cfg.anchor)
+            rows = getattr(self, "stepped_rows", None) or {}
+            if not rows:
+                anchor_(tensors, self.offline, self.cfg.anchor)
+                return
+            with torch.no_grad():  # sparse rows: the pull on the rows that moved
+                for i, (t, r) in enumerate(zip(tensors, self.offline)):
+                    if i in rows:
+                        idx = rows[i]
+                        t.index_copy_(0, idx, t.index_select(0, idx).lerp_(r.index_select(0, idx), self.cfg.anchor))
+                    else:
+                        t.lerp_(r, self.cfg.anchor)
 
     def item_loss(self, rnd: Round) -> torch.Tensor:
         c = self.cfg
@@ -471,12 +537,23 @@ class GradientUpdater(Updater):
         gradient of their mean; grads None when the loss or gradient is non-finite. clip=False:
         the gradient unscaled and self.clip_scale = the divisor that clipping would apply
         (for a fused optimizer kernel that divides by it itself: one pass less)."""
-        with torch.enable_grad():
-            losses = self.batch_losses(batch)
-            total = losses.mean()
-            if not bool(torch.isfinite(total)):
-                return losses.detach(), None
-            gs = torch.autograd.grad(total, self.params, allow_unused=True)
+        sup = self.head_support(batch)
+        try:
+            if sup is not None:
+                self.draft.train_support = sup
+            with torch.enable_grad():
+                losses = self.batch_losses(batch)
+                total = losses.mean()
+                if not bool(torch.isfinite(total)):
+                    return losses.detach(), None
+                gs = torch.autograd.grad(total, self.params, allow_unused=True)
+        finally:
+            if sup is not None:
+                self.draft.train_support = None
+        if sup is not None:  # the head's rows (+ the tied embedding's input rows): one sparse gradient
+            gs = tuple(g.coalesce() if g is not None and g.is_sparse else g for g in gs)
+        else:
+            gs = tuple(g.to_dense() if g is not None and g.is_sparse else g for g in gs)
         if not clip:  # unused parameters: one zero buffer each, kept (read-only to the caller)
             if getattr(self, "_zero_grads", None) is None:
                 self._zero_grads = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
@@ -485,7 +562,8 @@ class GradientUpdater(Updater):
             grads = [torch.zeros_like(p, dtype=torch.float32) if g is None else g.float()
                      for g, p in zip(gs, self.params)]
         if not clip:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.values() if g.is_sparse else g)
+                                                         for g in grads]))
             if not bool(torch.isfinite(norm)):
                 return losses.detach(), None
             mx = self.cfg.max_grad_norm
@@ -494,6 +572,27 @@ class GradientUpdater(Updater):
             return losses.detach(), None
         self.last_loss = float(total.detach())
         return losses.detach(), grads
+
+    sparse_rows_ok: ClassVar[bool] = False  # step() takes sparse gradients (optimizer_step rows)
+
+    def head_support(self, batch: list[Round]) -> tuple[torch.Tensor, int] | None:
+        """Option head_rows: the tokens whose output-head rows this step trains (every token the
+        batch emitted or drafted, and for a distillation loss the target's top head_rows at each
+        feedback row) plus the draft's own top head_rows (train_support of the lm draft)."""
+        n = self.cfg.head_rows
+        if n <= 0:
+            return None
+        require(self.sparse_rows_ok and getattr(self.draft, "kind", None) == "lm",
+                f"{self.name}: head_rows applies to ogd and dpo on an lm draft")
+        toks = {int(t) for r in batch for t in (*r.emitted, *r.drafted)}
+        rows = [torch.tensor(sorted(toks), dtype=torch.long)]
+        if self.name != "dpo":
+            for r in batch:
+                m = min(n_positions(r, self.cfg.positions), r.k)
+                if r.target_logits is not None and m > 0:
+                    t = r.target_logits[:m]
+                    rows.append(t.topk(min(n, t.shape[-1]), -1).indices.reshape(-1).cpu())
+        return torch.unique(torch.cat(rows)), n
 
     # -- hooks --
     def init_weights(self) -> None:

@@ -21,6 +21,7 @@ class OGDConfig(GradConfig):
 
 class OGDUpdater(GradientUpdater):
     name = "ogd"
+    sparse_rows_ok = True  # option head_rows
     Config = OGDConfig
 
     def init_weights(self) -> None:
@@ -35,7 +36,7 @@ class OGDUpdater(GradientUpdater):
         _, grads = self.losses_and_grads(batch, clip=False)  # clipped inside the optimizer's kernel
         if grads is None:
             return False
-        optimizer_step(self.opt, self.master, grads, self.clip_scale)
+        self.stepped_rows = optimizer_step(self.opt, self.master, grads, self.clip_scale)
         self.pull_to_offline(self.master)
         write_params(self.params, self.master)  # (a no-op where the masters are the params)
         return True
