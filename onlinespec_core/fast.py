@@ -413,7 +413,11 @@ extern "C" void os_pack_i8(const float* w, int64_t N, int64_t K, int8_t* wp, flo
     int64_t K4 = (K + 3) / 4, NB = (N + 63) / 64;
     for (int64_t n = 0; n < NB * 64; ++n) {
         float mx = 0.f;
-        if (n < N) for (int64_t k = 0; k < K; ++k) mx = std::fmax(mx, std::fabs(w[n * K + k]));
+        bool bad = false;  // a NaN/inf weight: the row's outputs are NaN (it must surface)
+        if (n < N) for (int64_t k = 0; k < K; ++k) {
+            float a = std::fabs(w[n * K + k]);
+            if (!(a <= 3.4e38f)) bad = true; else mx = std::fmax(mx, a);
+        }
         float s = mx > 0 ? mx / 127.f : 1.f, inv = 1.f / s;
         int32_t rs = 0;
         int8_t* o = wp + (n / 64) * K4 * 256 + (n % 64) * 4;
@@ -423,7 +427,7 @@ extern "C" void os_pack_i8(const float* w, int64_t N, int64_t K, int8_t* wp, flo
             o[(k / 4) * 256 + (k & 3)] = (int8_t)v;
             rs += v;
         }
-        if (n < N) { scale[n] = s; rowsum[n] = rs; }
+        if (n < N) { scale[n] = bad ? NAN : s; rowsum[n] = rs; }
     }
 }
 // y[M, N] row by row; xq: scratch of 4 ceil(K/4) bytes
@@ -435,7 +439,15 @@ extern "C" void os_gemm_i8(const float* x, int64_t M, int64_t K, const int8_t* w
         const float* xm = x + m * K;
         float* ym = y + m * N;
         float mx = 0.f;
-        for (int64_t k = 0; k < K; ++k) mx = std::fmax(mx, std::fabs(xm[k]));
+        bool bad = false;  // a NaN/inf input: NaN out, as F.linear would give
+        for (int64_t k = 0; k < K; ++k) {
+            float a = std::fabs(xm[k]);
+            if (!(a <= 3.4e38f)) bad = true; else mx = std::fmax(mx, a);
+        }
+        if (bad) {
+            for (int64_t n = 0; n < N; ++n) ym[n] = NAN;
+            continue;
+        }
         float sx = mx > 0 ? mx / 127.f : 1.f, inv = 1.f / sx;
         for (int64_t k = 0; k < 4 * K4; ++k)
             xq[k] = (uint8_t)(k < K ? (int)std::lrint(xm[k] * inv) + 128 : 128);

@@ -401,6 +401,14 @@ def test_draft_readout_kernel_is_the_int8_form_and_follows_the_weight(rows):
             assert torch.allclose(got, ro(x), atol=0.05 * float(ref.abs().max()))  # near the fp32 F.linear
             with torch.no_grad():
                 lin.weight.mul_(-2.0)
+    # a NaN/inf input row or weight row comes out NaN (a NaN draft must surface, as with F.linear)
+    ks, w = fast.bf16_kernels(), torch.randn(70, 33)
+    x = torch.randn(2, 33)
+    x[1, 3] = float("nan")
+    y = fast._gemm_i8(ks, x, fast.pack_i8(ks, w), None)
+    assert not torch.isnan(y[0]).any() and torch.isnan(y[1]).all()
+    w[5, 2] = float("inf")
+    assert torch.isnan(fast._gemm_i8(ks, x[:1], fast.pack_i8(ks, w), None)[0]).nonzero().flatten().tolist() == [5]
 
 
 @needs_kernels
