@@ -48,22 +48,27 @@ class CostK:
         # a probe after a run of k = 0 rounds: the draft first reads the tokens it missed, and
         # the target forward after that read measured ~1.5x a usual one (demo pair, CPU):
         # neither is what a round of drafting costs, so the timings of such a round are left out
-        # (a probe's timings only over-state a round's: they still correct an estimate above them,
-        # which a noisy moment may have left, or k = 0 would win for good)
+        # (a probe's timings only over-state a round's: they still cap an estimate above them, which
+        # a one-off cost may have left - a noisy moment, a draft's first proposal packing its
+        # readout - or k = 0 would win for good)
         typical = not prefill and (rnd.k == 0 or self.missed <= 4)
         probe = not prefill and not typical
         if rnd.k > 0:
             self.accepted = g * self.accepted + rnd.accepted
             self.rejected = g * self.rejected + (1.0 if rnd.accepted < rnd.k else 0.0)
             k = rnd.k
-            if typical or (probe and k in self.dk and rnd.draft_s < self.dk[k]):
+            if typical:
                 self.dk[k] = rnd.draft_s if k not in self.dk else g * self.dk[k] + (1 - g) * rnd.draft_s
+            elif probe and k in self.dk:  # an upper bound on a typical proposal: cap the estimate
+                self.dk[k] = min(self.dk[k], rnd.draft_s)
             self.missed = 0
         else:
             self.missed += len(rnd.emitted)
         n = rnd.k + 1
-        if typical or (probe and n in self.t and rnd.verify_s < self.t[n]):
+        if typical:
             self.t[n] = rnd.verify_s if n not in self.t else g * self.t[n] + (1 - g) * rnd.verify_s
+        elif probe and n in self.t:
+            self.t[n] = min(self.t[n], rnd.verify_s)
         if prefill:  # a new prompt (maybe a new topic): a counts for less, its first decision probes
             self.accepted *= self.prompt_decay
             self.rejected *= self.prompt_decay

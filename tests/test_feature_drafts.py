@@ -339,9 +339,9 @@ def test_shipped_demo_heads_load_and_stay_lossless(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_proposals_read_tokens_through_a_bf16_copy_of_the_lm_head(pair_dirs, kind):
-    """Where the CPU has the bf16 kernel a proposal's readout is bf16(f) bf16(W)^T with fp32
-    sums (full vocabulary and a reduced one); training keeps fp32; the output stays the target's."""
+def test_proposals_read_tokens_through_an_int8_copy_of_the_lm_head(pair_dirs, kind):
+    """Where the CPU has the kernel a proposal's readout is the int8 form of f W^T (full
+    vocabulary and a reduced one); training keeps fp32; the output stays the target's."""
     from onlinespec_core import fast
     if fast.bf16_kernels() is None:
         pytest.skip("no AVX-512 BF16 kernel here")
@@ -354,7 +354,7 @@ def test_proposals_read_tokens_through_a_bf16_copy_of_the_lm_head(pair_dirs, kin
         with torch.no_grad():
             got = ro.logits(f)
         rows = w if subset is None else w[subset]
-        ref = (f.bfloat16().double() @ rows.bfloat16().double().t()).float()
+        ref = fast.i8_reference(f, rows).float()
         sub = got if subset is None else got[:, subset]
         torch.testing.assert_close(sub, ref, atol=1e-4, rtol=1e-4)
         if subset is not None:

@@ -135,3 +135,17 @@ def test_a_probe_still_corrects_an_estimate_above_it():
         p.observe(_round(0, 0, 0.0, 4e-3), prefill=False)
     p.observe(_round(1, 1, 1e-3, 6e-3), prefill=False)  # a probe, cheaper than both estimates
     assert p.draft_of(1) < 5e-3 and p.t_of(2) < 20e-3
+
+
+def test_a_one_off_first_proposal_does_not_park_cost_k_at_k0():
+    """A draft's first proposal may pay a one-off cost (a feature draft packs its readout): a
+    probe's cheaper timing caps D(k) at once, so drafting resumes once it pays."""
+    p = CostK(k_max=4)
+    p.observe(_round(1, 1, 20e-3, 4.5e-3), prefill=False)  # D(1) = 20 ms: the one-off
+    for _ in range(10):
+        p.observe(_round(0, 0, 0.0, 4e-3), prefill=False)
+    assert p.best_k() == 0
+    p.observe(_round(1, 1, 0.8e-3, 4.6e-3), prefill=False)  # the probe: 0.8 ms
+    assert p.draft_of(1) == 0.8e-3
+    p.accepted, p.rejected = 8.0, 2.0
+    assert p.best_k() >= 1
