@@ -307,6 +307,44 @@ extern "C" void os_attn(const float* q, int64_t n, int64_t hq, int64_t hkv, int6
         }
     }
 }
+// The per-round online loss KL(p || q) = sum_v p_v (t_v - d_v) - lse(t) + lse(d), p = softmax(t),
+// q = softmax(d), per row of fp32 logits [m, V] (fp32 sums in 16 lanes). Columns where the draft's
+// logit is +-inf (outside a reduced vocabulary, pad_vocab) are left out, as updaters.losses drops
+// them; a NaN in a kept column gives NaN.
+extern "C" void os_kl_rows(const float* d, const float* t, int64_t m, int64_t V, float* out) {
+    Ftz ftz;
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    for (int64_t r = 0; r < m; ++r) {
+        const float* dr = d + r * V; const float* tr = t + r * V;
+        __m512 md = ninf, mt = ninf, bad = _mm512_setzero_ps();
+        for (int64_t v = 0; v < V; v += 16) {
+            __mmask16 mk = V - v >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (V - v)) - 1u);
+            __m512 a = _mm512_mask_loadu_ps(ninf, mk, dr + v), b = _mm512_mask_loadu_ps(ninf, mk, tr + v);
+            // kept: the draft's logit is not +-inf (NaN is kept, and surfaces through bad)
+            __mmask16 fin = _mm512_cmp_ps_mask(_mm512_abs_ps(a), _mm512_set1_ps(INFINITY), _CMP_NEQ_UQ) & mk;
+            bad = _mm512_add_ps(bad, _mm512_maskz_sub_ps(fin, a, a));  // NaN -> NaN
+            bad = _mm512_add_ps(bad, _mm512_maskz_sub_ps(fin, b, b));  // target NaN / inf -> NaN
+            md = _mm512_mask_max_ps(md, fin, md, a);
+            mt = _mm512_mask_max_ps(mt, fin, mt, b);
+        }
+        float fmd = _mm512_reduce_max_ps(md), fmt = _mm512_reduce_max_ps(mt);
+        float nb = _mm512_reduce_add_ps(bad);
+        if (nb != nb || fmd == -INFINITY || fmt == -INFINITY) { out[r] = NAN; continue; }
+        __m512 vmd = _mm512_set1_ps(fmd), vmt = _mm512_set1_ps(fmt);
+        __m512 sd = _mm512_setzero_ps(), st = _mm512_setzero_ps(), dot = _mm512_setzero_ps();
+        for (int64_t v = 0; v < V; v += 16) {
+            __mmask16 mk = V - v >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (V - v)) - 1u);
+            __m512 a = _mm512_mask_loadu_ps(ninf, mk, dr + v), b = _mm512_mask_loadu_ps(ninf, mk, tr + v);
+            __mmask16 fin = _mm512_cmp_ps_mask(_mm512_abs_ps(a), _mm512_set1_ps(INFINITY), _CMP_NEQ_UQ) & mk;
+            __m512 ea = exp512(_mm512_sub_ps(a, vmd)), eb = exp512(_mm512_sub_ps(b, vmt));
+            sd = _mm512_mask_add_ps(sd, fin, sd, ea);
+            st = _mm512_mask_add_ps(st, fin, st, eb);
+            dot = _mm512_mask_add_ps(dot, fin, dot, _mm512_mul_ps(eb, _mm512_sub_ps(b, a)));
+        }
+        float fsd = _mm512_reduce_add_ps(sd), fst = _mm512_reduce_add_ps(st), fdot = _mm512_reduce_add_ps(dot);
+        out[r] = fdot / fst - (fmt + std::log(fst)) + (fmd + std::log(fsd));
+    }
+}
 """
 # A draft's readout in bf16 (AVX-512 BF16): y[M, N] = bf16(x) @ bf16(W)^T (+ b) with fp32 sums
 # (vdpbf16ps: two products per lane per instruction). Only for a DRAFT's proposals: what a draft
@@ -531,6 +569,20 @@ extern "C" int64_t os_draft_step(int64_t tok, int64_t pos, const float* embed, i
     return best;
 }
 """
+def kl_rows(d: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
+    """KL(softmax(t) || softmax(d)) per row of fp32 CPU logits [m, V] (the per-round online loss
+    every updater reports, frozen too: ~7 torch ops and ~0.18 ms a round in-run), or None when
+    the kernels are not compiled (the caller runs the torch form)."""
+    ks = kernels()
+    if (ks is None or d.dtype != torch.float32 or t.dtype != torch.float32 or d.device.type != "cpu"
+            or d.shape != t.shape or d.dim() != 2):
+        return None
+    d, t = d.contiguous(), t.contiguous()
+    out = torch.empty(d.shape[0])
+    ks.kl(d.data_ptr(), t.data_ptr(), d.shape[0], d.shape[1], out.data_ptr())
+    return out
+
+
 _gemm_lib: list = []  # [ctypes function or None] once tried
 _bf16_lib: list = []  # [_BF16Kernels or None] once tried
 GEMM_MAX_ROWS = 16  # more rows (a prompt): MKL's GEMM, compute-bound there
@@ -554,7 +606,9 @@ class _Kernels:
         self.rope_kv.argtypes = [P, I, P, I, P, I, I, I, I, I, P, P, P, P, P, I, I, P]
         self.attn = lib.os_attn
         self.attn.argtypes = [P, I, I, I, I, P, P, I, I, ctypes.c_float, P, P]
-        for f in (self.gemm, self.rms_norm, self.rope_kv, self.attn):
+        self.kl = lib.os_kl_rows
+        self.kl.argtypes = [P, P, I, I, P]
+        for f in (self.gemm, self.rms_norm, self.rope_kv, self.attn, self.kl):
             f.restype = None
 
     def __deepcopy__(self, memo: dict) -> "_Kernels":  # one loaded library per process

@@ -468,3 +468,19 @@ def test_lean_forward_any_head_dim_matches_hf(tokenizer, head_dim):
         got = [lean.forward(ids[:-6], cache, 1)[0], lean.forward(ids[-6:-5], cache, 1)[0],
                lean.forward(ids[-5:], cache, 5)[0]]
     torch.testing.assert_close(torch.cat(got), want[-7:], atol=1e-4, rtol=1e-4)
+
+
+@needs_kernels
+def test_online_loss_kernel_matches_the_torch_divergence():
+    """fast.kl_rows (the per-round online loss every updater reports) = updaters.losses'
+    forward KL, with -inf draft columns left out and NaN kept visible."""
+    from onlinespec_core.updaters.losses import distill_rows
+    g = torch.Generator().manual_seed(0)
+    for v in (8192, 100, 37):
+        d, t = torch.randn(3, v, generator=g) * 3, torch.randn(3, v, generator=g) * 3
+        torch.testing.assert_close(fast.kl_rows(d, t), distill_rows(d, t), atol=1e-5, rtol=1e-5)
+        d[:, 5:20] = float("-inf")  # a reduced vocabulary / pad_vocab
+        torch.testing.assert_close(fast.kl_rows(d, t), distill_rows(d, t), atol=1e-5, rtol=1e-5)
+        d[1, 0] = float("nan")
+        got = fast.kl_rows(d, t)
+        assert torch.isnan(got[1]) and not torch.isnan(got[0]) and not torch.isnan(got[2])

@@ -81,6 +81,12 @@ def online_loss(rnd: Round, kind: str = "fkl", positions: str = "path",
     """f_t(w_t) at the deployed weights, for free: from the logits the draft proposed with."""
     if rnd.k == 0 or rnd.draft_logits is None or rnd.target_logits is None:
         return None
+    if kind == "fkl" and temperature == 1.0:  # the default: one compiled pass (fast.kl_rows)
+        from ..fast import kl_rows
+        m = min(n_positions(rnd, positions), rnd.draft_logits.shape[0])
+        per = kl_rows(rnd.draft_logits[:m].detach(), rnd.target_logits[:m])
+        if per is not None:
+            return float(per.mean())
     return float(round_distill_loss(rnd.draft_logits, rnd, kind, positions, temperature))
 
 
