@@ -28,6 +28,14 @@ def rounds(pair_dirs):
     return [r for r in rs if r.k > 0]
 
 
+def logits_and_grads(draft, rnd, params):
+    """train_logits(rnd) and the gradient of one log-probability column into every parameter."""
+    with torch.enable_grad():
+        lg = draft.train_logits(rnd)
+        g = torch.autograd.grad(torch.log_softmax(lg, -1)[:, 7].sum(), params, allow_unused=True)
+    return lg.detach(), g
+
+
 @pytest.mark.parametrize("opts", [{}, {"mode": "sft"}, {"sft_weight": 0.0}])
 def test_merged_dpo_losses_equal_the_per_round_form(pair_dirs, rounds, opts):
     batch = rounds[:10]  # spans both prompts: two sequences
@@ -110,10 +118,7 @@ def test_other_sequence_round_lean_reread_equals_hf(pair_dirs, rounds):
     out = []
     for reuse in (True, False):
         draft.reuse_cache = reuse
-        with torch.enable_grad():
-            lg = draft.train_logits(r)
-            g = torch.autograd.grad(torch.log_softmax(lg, -1)[:, 7].sum(), params, allow_unused=True)
-        out.append((lg.detach(), g))
+        out.append(logits_and_grads(draft, r, params))
     draft.reuse_cache = True
     torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-4, atol=1e-4)
     for a, b in zip(out[0][1], out[1][1]):
@@ -152,10 +157,7 @@ def test_head_rows_keeps_logits_and_layer_gradients_and_trains_the_rows(pair_dir
     out = []
     for sup in (None, (torch.tensor([3, 7, 11]), 4)):
         draft.train_support = sup
-        with torch.enable_grad():
-            lg = draft.train_logits(r)
-            g = torch.autograd.grad(torch.log_softmax(lg, -1)[:, 7].sum(), params, allow_unused=True)
-        out.append((lg.detach(), g))
+        out.append(logits_and_grads(draft, r, params))
     draft.train_support = None
     torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-5, atol=1e-5)
     for p, a, b in zip(params, out[0][1], out[1][1]):
