@@ -450,22 +450,37 @@ extern "C" void os_pack_i8(const float* w, int64_t N, int64_t K, int8_t* wp, flo
                            int32_t* rowsum) {
     int64_t K4 = (K + 3) / 4, NB = (N + 63) / 64;
     for (int64_t n = 0; n < NB * 64; ++n) {
-        float mx = 0.f;
-        bool bad = false;  // a NaN/inf weight: the row's outputs are NaN (it must surface)
-        if (n < N) for (int64_t k = 0; k < K; ++k) {
-            float a = std::fabs(w[n * K + k]);
-            if (!(a <= 3.4e38f)) bad = true; else mx = std::fmax(mx, a);
+        const float* row = w + n * K;
+        uint32_t* o = (uint32_t*)(wp + (n / 64) * K4 * 256) + n % 64;  // word (n, p) at o[p * 64]
+        if (n >= N) {
+            for (int64_t p = 0; p < K4; ++p) o[p * 64] = 0;
+            continue;
         }
+        // max |w| over the row; a NaN/inf weight: the row's outputs are NaN (it must surface)
+        __m512 mxv = _mm512_setzero_ps();
+        bool bad = false;
+        for (int64_t k = 0; k < K; k += 16) {
+            __mmask16 mk = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
+            __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(mk, row + k));
+            if (_mm512_cmp_ps_mask(a, _mm512_set1_ps(3.4e38f), _CMP_NLE_UQ) & mk) bad = true;
+            mxv = _mm512_max_ps(mxv, a);
+        }
+        float mx = bad ? 0.f : _mm512_reduce_max_ps(mxv);
         float s = mx > 0 ? mx / 127.f : 1.f, inv = 1.f / s;
-        int32_t rs = 0;
-        int8_t* o = wp + (n / 64) * K4 * 256 + (n % 64) * 4;
-        for (int64_t k = 0; k < 4 * K4; ++k) {
-            int v = n < N && k < K ? (int)std::lrint(w[n * K + k] * inv) : 0;
-            v = v > 127 ? 127 : (v < -127 ? -127 : v);
-            o[(k / 4) * 256 + (k & 3)] = (int8_t)v;
-            rs += v;
+        __m512 vinv = _mm512_set1_ps(inv), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+        __m512i rs = _mm512_setzero_si512();
+        for (int64_t k = 0; k < 4 * K4; k += 16) {
+            __mmask16 mk = K - k >= 16 ? (__mmask16)0xFFFF : (K > k ? (__mmask16)((1u << (K - k)) - 1u) : (__mmask16)0);
+            __m512 x = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, row + k), vinv), lo), hi);
+            __m512i q = _mm512_maskz_cvtps_epi32(mk, x);  // round to nearest even (MXCSR), as lrint
+            rs = _mm512_add_epi32(rs, q);
+            alignas(16) int8_t b[16];
+            _mm_store_si128((__m128i*)b, _mm512_cvtepi32_epi8(q));
+            const uint32_t* bw = (const uint32_t*)b;
+            for (int64_t j = 0; j < 4 && k / 4 + j < K4; ++j) o[(k / 4 + j) * 64] = bw[j];
         }
-        if (n < N) { scale[n] = bad ? NAN : s; rowsum[n] = rs; }
+        scale[n] = bad ? NAN : s;
+        rowsum[n] = _mm512_reduce_add_epi32(rs);
     }
 }
 // y[M, N] row by row; xq: scratch of 4 ceil(K/4) bytes
