@@ -346,98 +346,6 @@ extern "C" void os_kl_rows(const float* d, const float* t, int64_t m, int64_t V,
     }
 }
 """
-# A draft's readout in bf16 (AVX-512 BF16): y[M, N] = bf16(x) @ bf16(W)^T (+ b) with fp32 sums
-# (vdpbf16ps: two products per lane per instruction). Only for a DRAFT's proposals: what a draft
-# proposes never changes the output (the target checks every token, with its own fp32 logits),
-# so a readout that reads half the bytes is free speed. wp[ceil(N/64)][ceil(K/2)][64][2] bf16
-# (zero-padded), packed from the live fp32 weight by os_pack_bf16 (one pass) when it changed.
-_BF16_SRC = r"""
-#include <cstring>
-static inline uint32_t bf16_bits(float f) {  // round to nearest even (torch's .bfloat16())
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((u & 0x7f800000u) == 0x7f800000u) return (u >> 16) | ((u & 0xffffu) ? 0x40u : 0u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return u >> 16;
-}
-// one pass: row n's pair p (w[n][2p], w[n][2p+1]) -> the 32-bit word wp32[nb][p][c]
-extern "C" void os_pack_bf16(const float* w, int64_t N, int64_t K, uint16_t* wp) {
-    int64_t K2 = (K + 1) / 2, NB = (N + 63) / 64;
-    uint32_t* o32 = (uint32_t*)wp;
-    for (int64_t n = 0; n < NB * 64; ++n) {
-        uint32_t* o = o32 + (n / 64) * K2 * 64 + n % 64;
-        const float* row = w + n * K;
-        int64_t p = 0;
-        if (n < N) {
-            for (; 2 * p + 16 <= K; p += 8) {  // 16 floats -> 8 pair words (vcvtneps2bf16: RNE)
-                uint32_t t[8];
-                _mm256_storeu_si256((__m256i*)t, (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(row + 2 * p)));
-                for (int i = 0; i < 8; ++i) o[(p + i) * 64] = t[i];
-            }
-        }
-        for (; p < K2; ++p) {
-            uint32_t lo = n < N ? bf16_bits(row[2 * p]) : 0u;
-            uint32_t hi = n < N && 2 * p + 1 < K ? bf16_bits(row[2 * p + 1]) : 0u;
-            o[p * 64] = lo | (hi << 16);
-        }
-    }
-}
-template <int MR>
-static inline void bblock(const uint32_t* xb, int64_t K2, const uint16_t* w, float* y, int64_t ldy,
-                          int64_t ncols, const float* bias) {
-    __m512 acc[MR][4];
-    for (int m = 0; m < MR; ++m)
-        for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
-    for (int64_t p = 0; p < K2; ++p) {
-        const uint16_t* wk = w + p * 128;
-        _mm_prefetch((const char*)(wk + 4096), _MM_HINT_T0);
-        _mm_prefetch((const char*)(wk + 4096 + 64), _MM_HINT_T0);
-        __m512bh wv[4];
-        for (int j = 0; j < 4; ++j) wv[j] = (__m512bh)_mm512_loadu_si512((const void*)(wk + 32 * j));
-        for (int m = 0; m < MR; ++m) {
-            __m512bh xv = (__m512bh)_mm512_set1_epi32((int)xb[m * K2 + p]);
-            for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], wv[j], xv);
-        }
-    }
-    for (int j = 0; j < 4; ++j) {
-        int64_t c0 = j * 16;
-        if (c0 >= ncols) break;
-        int64_t nc = ncols - c0 < 16 ? ncols - c0 : 16;
-        __mmask16 mk = (__mmask16)((1u << nc) - 1u);
-        __m512 b = bias ? _mm512_maskz_loadu_ps(mk, bias + c0) : _mm512_setzero_ps();
-        for (int m = 0; m < MR; ++m) _mm512_mask_storeu_ps(y + m * ldy + c0, mk, _mm512_add_ps(acc[m][j], b));
-    }
-}
-// xb: scratch of M ceil(K/2) words (x as bf16 pairs)
-extern "C" void os_gemm_bf16(const float* x, int64_t M, int64_t K, const uint16_t* wp, int64_t N,
-                             const float* bias, float* y, uint32_t* xb) {
-    Ftz ftz;
-    int64_t K2 = (K + 1) / 2, NB = (N + 63) / 64;
-    for (int64_t m = 0; m < M; ++m)
-        for (int64_t p = 0; p < K2; ++p) {
-            uint32_t lo = bf16_bits(x[m * K + 2 * p]);
-            uint32_t hi = 2 * p + 1 < K ? bf16_bits(x[m * K + 2 * p + 1]) : 0u;
-            xb[m * K2 + p] = lo | (hi << 16);
-        }
-    for (int64_t nb = 0; nb < NB; ++nb) {
-        int64_t ncols = N - nb * 64 < 64 ? N - nb * 64 : 64;
-        const uint16_t* w = wp + nb * K2 * 128;
-        const float* bb = bias ? bias + nb * 64 : nullptr;
-        for (int64_t m = 0; m < M; m += 6) {  // rows past 6 re-read the block from L1
-            const uint32_t* xm = xb + m * K2;
-            float* ym = y + m * N + nb * 64;
-            switch (M - m >= 6 ? 6 : M - m) {
-                case 6: bblock<6>(xm, K2, w, ym, N, ncols, bb); break;
-                case 5: bblock<5>(xm, K2, w, ym, N, ncols, bb); break;
-                case 4: bblock<4>(xm, K2, w, ym, N, ncols, bb); break;
-                case 3: bblock<3>(xm, K2, w, ym, N, ncols, bb); break;
-                case 2: bblock<2>(xm, K2, w, ym, N, ncols, bb); break;
-                default: bblock<1>(xm, K2, w, ym, N, ncols, bb); break;
-            }
-        }
-    }
-}
-"""
 # The lm draft's readout in int8 (AVX-512 VNNI vpdpbusd): W per row w = s_n q (q int8 in
 # -127..127, s_n = max |w_n| / 127), x per call x = s_x (u - 128) (u uint8); y_n = s_x s_n
 # (sum_k u_k q_nk - 128 sum_k q_nk). 1 MB for the demo draft's 8,192 x 128 lm_head, which then
@@ -534,13 +442,14 @@ extern "C" void os_gemm_i8(const float* x, int64_t M, int64_t K, const int8_t* w
     }
 }
 """
-# One drafted token through a whole Llama-family draft in one call (the bf16 library holds the
+# One drafted token through a whole Llama-family draft in one call (the draft library holds the
 # fp32 kernels too): embedding row, then per layer the same kernels as LeanLM's forward (RMSNorm,
 # q|k|v GEMM, RoPE + cache write, attention, o GEMM, gate|up GEMM, silu(g) u, down GEMM), the
 # final norm, the int8 readout and the argmax. Python's per-op overhead was ~2/3 of a drafted
 # token (~25 torch ops and kernel calls); the math is the lean forward's.
 _STEP_SRC = r"""
 #include <cmath>
+#include <cstring>
 // w: per layer {in_norm, qkv_wp, qkv_bias, o_wp, post_norm, gu_wp, down_wp} as addresses;
 // c: per layer {k cache, v cache, blocked K^T}; the token goes to cache row pos.
 // scratch: 4 H + (hq + 2 hkv) d + 2 hq d + 3 I + G ceil((pos + 1) / 64) 64 + H floats.
@@ -599,7 +508,7 @@ def kl_rows(d: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
 
 
 _gemm_lib: list = []  # [ctypes function or None] once tried
-_bf16_lib: list = []  # [_BF16Kernels or None] once tried
+_draft_lib: list = []  # [_DraftKernels or None] once tried
 GEMM_MAX_ROWS = 16  # more rows (a prompt): MKL's GEMM, compute-bound there
 DRAFT_MAX_ROWS = 64  # a draft's copies also take its catch-up reads (tokens it missed): tiny weights
 ATTN_MAX_ROWS = 16  # more new tokens (a prompt): SDPA reads the same cache
@@ -671,17 +580,13 @@ def kernels() -> _Kernels | None:
     return ks
 
 
-class _BF16Kernels:
+class _DraftKernels:
+    """The draft-side kernels (AVX-512 VNNI): the int8 readout and the fused draft step."""
+
     def __init__(self, lib: ctypes.CDLL) -> None:
         P, I = ctypes.c_void_p, ctypes.c_int64
-        self.gemm = lib.os_gemm_bf16
-        self.gemm.argtypes = [P, I, I, P, I, P, P, P]
-        self.pack = lib.os_pack_bf16
-        self.pack.argtypes = [P, I, I, P]
-        for f in (self.gemm, self.pack):
-            f.restype = None
-        self.step = lib.os_draft_step
         F32 = ctypes.c_float
+        self.step = lib.os_draft_step
         self.step.argtypes = [I, I, P, I, I, P, P, I, I, I, I, I, F32, F32, P, P, P, P, P, P, P, I, P, P]
         self.step.restype = ctypes.c_int64
         self.pack_i8 = lib.os_pack_i8
@@ -691,47 +596,26 @@ class _BF16Kernels:
         for f in (self.pack_i8, self.gemm_i8):
             f.restype = None
 
-    def __deepcopy__(self, memo: dict) -> "_BF16Kernels":
+    def __deepcopy__(self, memo: dict) -> "_DraftKernels":  # one loaded library per process
         return self
 
 
-def bf16_kernels() -> _BF16Kernels | None:
-    """The bf16 readout kernel for drafts (a CPU with AVX-512 BF16), or None: drafts then read
-    out in fp32 (F.linear), which proposes the same way up to bf16 rounding."""
-    if _bf16_lib:
-        return _bf16_lib[0]
+def draft_kernels() -> _DraftKernels | None:
+    """The int8 readout and fused step for drafts (a CPU with AVX-512 VNNI), or None: drafts then
+    read out with F.linear on the live weight (the same proposals up to the int8 rounding)."""
+    if _draft_lib:
+        return _draft_lib[0]
     try:
-        if not (hasattr(torch.cpu, "_is_avx512_bf16_supported") and torch.cpu._is_avx512_bf16_supported()):
-            raise RuntimeError("no AVX-512 BF16")
         if not (hasattr(torch.cpu, "_is_vnni_supported") and torch.cpu._is_vnni_supported()):
             raise RuntimeError("no AVX-512 VNNI")
-        ks = _BF16Kernels(_compile(_GEMM_SRC + _BF16_SRC + _I8_SRC + _STEP_SRC, "osbf16",
-                                   ("-mavx512bf16", "-mavx512bw", "-mavx512vnni")))
-        if not _bf16_self_check(ks):
+        ks = _DraftKernels(_compile(_GEMM_SRC + _I8_SRC + _STEP_SRC, "osdraft",
+                                    ("-mavx512bw", "-mavx512vnni")))
+        if not _draft_self_check(ks):
             ks = None
-    except Exception:  # noqa: BLE001 - any failure: fp32 readout
+    except Exception:  # noqa: BLE001 - any failure: F.linear readout
         ks = None
-    _bf16_lib.append(ks)
+    _draft_lib.append(ks)
     return ks
-
-
-def pack_bf16(ks: _BF16Kernels, w: torch.Tensor) -> torch.Tensor:
-    """W [N, K] fp32 -> the bf16 kernel's layout [ceil(N/64), ceil(K/2), 64, 2] (as int16)."""
-    w = w.detach().contiguous()
-    n, k = w.shape
-    wp = torch.empty((n + 63) // 64, (k + 1) // 2, 64, 2, dtype=torch.int16)
-    ks.pack(w.data_ptr(), n, k, wp.data_ptr())
-    return wp
-
-
-def _gemm_bf16(ks: _BF16Kernels, x: torch.Tensor, wp: torch.Tensor, n: int,
-               bias: torch.Tensor | None) -> torch.Tensor:
-    m, k = x.shape
-    y = x.new_empty(m, n)
-    xb = torch.empty(m * ((k + 1) // 2), dtype=torch.int32)
-    ks.gemm(x.data_ptr(), m, k, wp.data_ptr(), n, None if bias is None else bias.data_ptr(),
-            y.data_ptr(), xb.data_ptr())
-    return y
 
 
 @dataclass
@@ -744,7 +628,7 @@ class Int8Weight:
     n: int
 
 
-def pack_i8(ks: _BF16Kernels, w: torch.Tensor) -> Int8Weight:
+def pack_i8(ks: _DraftKernels, w: torch.Tensor) -> Int8Weight:
     w = w.detach().float().contiguous()
     n, k = w.shape
     q = torch.empty((n + 63) // 64, (k + 3) // 4, 64, 4, dtype=torch.int8)
@@ -753,7 +637,7 @@ def pack_i8(ks: _BF16Kernels, w: torch.Tensor) -> Int8Weight:
     return Int8Weight(q, scale, rowsum, n)
 
 
-def _gemm_i8(ks: _BF16Kernels, x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None) -> torch.Tensor:
+def _gemm_i8(ks: _DraftKernels, x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None) -> torch.Tensor:
     m, k = x.shape
     y = x.new_empty(m, w.n)
     xq = torch.empty(4 * ((k + 3) // 4), dtype=torch.uint8)
@@ -777,17 +661,13 @@ def i8_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
     return y if bias is None else y + bias.double()
 
 
-def _bf16_self_check(ks: _BF16Kernels) -> bool:
+def _draft_self_check(ks: _DraftKernels) -> bool:
     g = torch.Generator().manual_seed(0)
     for n, k in ((64, 16), (100, 33), (130, 128)):
         w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
-        wp = pack_bf16(ks, w)
+        w8 = pack_i8(ks, w)
         for m in (1, 5, 8):
             x = torch.randn(m, k, generator=g)
-            ref = x.bfloat16().double() @ w.bfloat16().double().t() + b.double()
-            if not torch.allclose(_gemm_bf16(ks, x, wp, n, b).double(), ref, rtol=1e-4, atol=1e-4):
-                return False
-            w8 = pack_i8(ks, w)
             if not torch.allclose(_gemm_i8(ks, x, w8, b).double(), i8_reference(x, w, b), rtol=1e-4, atol=1e-4):
                 return False
     return True
@@ -1036,13 +916,13 @@ class DraftReadout(LiveLinear):
     proposal time the int8 kernel (AVX-512 VNNI) on a copy quantised from the live weight (re-made
     with the other copies when it changed). Measured on the demo draft (8,192 x 128, 1 thread):
     15 us a row with the copy in L2, 56 us after a 16 MB read evicted it; bf16 (the previous form)
-    76 / 124 us, F.linear 178 / 200 us. A draft's logits only steer which tokens it proposes: the
+    76 / 124 us (measured, then dropped), F.linear 178 / 200 us. A draft's logits only steer which tokens it proposes: the
     target still checks every one with its own fp32 logits, so the output is unchanged."""
 
     def __init__(self, mod: nn.Linear, mirrors: _Mirrors) -> None:
         super().__init__(mod)
         self.mirrors = mirrors
-        self.ks = bf16_kernels()
+        self.ks = draft_kernels()
         self.wp: Int8Weight | None = None
         self.bias: torch.Tensor | None = None
 
@@ -1168,7 +1048,7 @@ class LeanLM:
 
     frozen=True (a target): q|k|v and gate|up fused and MKL-packed once (the weights never
     change). frozen=False (a draft being trained online): a forward with grad reads the live
-    nn.Linear modules; a proposal reads packed copies (DraftLinear, fp32; DraftReadout, bf16
+    nn.Linear modules; a proposal reads packed copies (DraftLinear, fp32; DraftReadout, int8
     lm_head) that re-pack when a weight's version changed, so an optimizer step is seen by the
     next propose."""
 
@@ -1342,8 +1222,8 @@ class LeanLM:
 
     def _step_table(self) -> torch.Tensor | None:
         """Addresses of the packed copies, per layer, for the fused draft step (None: this draft
-        has a shape or part the step does not take: biases on o/down, no bf16 readout, ...)."""
-        ks = bf16_kernels()
+        has a shape or part the step does not take: biases on o/down, no int8 readout, ...)."""
+        ks = draft_kernels()
         c = self.model.config
         if (ks is None or self.frozen or getattr(c, "hidden_act", None) != "silu" or not self.rope_table
                 or self.head_dim not in (16, 32, 64, 128) or self.n_heads % self.n_kv

@@ -122,7 +122,7 @@ def test_online_draft_fast_form_sees_every_update(family_dirs):
         torch.testing.assert_close(hidden, out.hidden_states[-1][0], atol=1e-4, rtol=1e-4)
         # ... and the readout is lm_head(h) through the int8 kernel where it exists
         w = draft.model.get_output_embeddings().weight
-        if fast.bf16_kernels() is not None:
+        if fast.draft_kernels() is not None:
             want = fast.i8_reference(hidden[-1:], w.detach()).float()
         else:
             want = out.logits[0, -1:]
@@ -147,7 +147,7 @@ def test_online_updaters_reach_the_proposal_copies(family_dirs, updater):
     torch.testing.assert_close(hidden, out.hidden_states[-1][0], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.skipif(fast.bf16_kernels() is None, reason="no AVX-512 BF16 kernel here")
+@pytest.mark.skipif(fast.draft_kernels() is None, reason="no AVX-512 VNNI draft kernels here")
 def test_fused_draft_step_equals_the_lean_forward(family_dirs, tokenizer, tmp_path):
     """One C call per drafted token computes what the lean forward on the copies computes: the
     same logits and K/V rows (train_logits later attends to those) up to the last bit. Head size 16, two
@@ -380,7 +380,7 @@ def test_few_row_gemm_matches_fp64(rows):
     assert lin(x).requires_grad  # grad: the torch path
 
 
-@pytest.mark.skipif(fast.bf16_kernels() is None, reason="no AVX-512 BF16 / VNNI kernels here")
+@pytest.mark.skipif(fast.draft_kernels() is None, reason="no AVX-512 VNNI draft kernels here")
 @pytest.mark.parametrize("rows", [1, 5, 7, 16])
 def test_draft_readout_kernel_is_the_int8_form_and_follows_the_weight(rows):
     """The lm draft's readout = the int8 form (per-row scales for W, a per-call scale for x, exact
@@ -402,7 +402,7 @@ def test_draft_readout_kernel_is_the_int8_form_and_follows_the_weight(rows):
             with torch.no_grad():
                 lin.weight.mul_(-2.0)
     # a NaN/inf input row or weight row comes out NaN (a NaN draft must surface, as with F.linear)
-    ks, w = fast.bf16_kernels(), torch.randn(70, 33)
+    ks, w = fast.draft_kernels(), torch.randn(70, 33)
     x = torch.randn(2, 33)
     x[1, 3] = float("nan")
     y = fast._gemm_i8(ks, x, fast.pack_i8(ks, w), None)

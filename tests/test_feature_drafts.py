@@ -152,7 +152,7 @@ def test_train_logits_recompute_the_proposal(pair_dirs, arch, kind):
     """train_logits(round) == the logits the draft proposed with, with grad into the head only."""
     pair = feature_pair(pair_dirs, arch, kind)
     warm_up(pair, TEXT, steps=5, batch_size=2, seq_len=32)
-    pair.draft.readout.bf16 = False  # exact: proposals read out in fp32, as training does
+    pair.draft.readout.int8 = False  # exact: proposals read out in fp32, as training does
     eng = osc.Engine(pair, k=4, keep_distributions=True)
     rounds = []
     for prompt in PROMPTS[1:]:  # two prompts: records of the first survive the second's reset
@@ -193,7 +193,7 @@ def offline_first_logits(draft, target, seq: list[int], shift: int = 1) -> torch
 def test_training_is_aligned_with_inference(pair_dirs, kind):
     pair = feature_pair(pair_dirs, "llama", kind, **({"prefix": True} if kind == "hydra" else {}))
     warm_up(pair, TEXT, steps=5, batch_size=2, seq_len=32)
-    pair.draft.readout.bf16 = False  # compare the fp32 readout row for row
+    pair.draft.readout.int8 = False  # compare the fp32 readout row for row
     ids = pair.tokenizer(PROMPTS[2])["input_ids"]
     out = osc.Engine(pair, k=3, keep_distributions=True).generate(ids, max_new_tokens=24)
     seq = ids + out.token_ids
@@ -316,7 +316,7 @@ def test_train_logits_without_the_proposal_record(pair_dirs, kind):
     proposal; train_logits re-reads the context tail with the target (exact for short contexts)."""
     pair = feature_pair(pair_dirs, "llama", kind)
     warm_up(pair, TEXT, steps=5, batch_size=2, seq_len=32)
-    pair.draft.readout.bf16 = False
+    pair.draft.readout.int8 = False
     out = osc.Engine(pair, k=4, keep_distributions=True).generate(PROMPTS[1], max_new_tokens=16)
     pair.draft.records.clear()
     for r in out.rounds:
@@ -343,8 +343,8 @@ def test_proposals_read_tokens_through_an_int8_copy_of_the_lm_head(pair_dirs, ki
     """Where the CPU has the kernel a proposal's readout is the int8 form of f W^T (full
     vocabulary and a reduced one); training keeps fp32; the output stays the target's."""
     from onlinespec_core import fast
-    if fast.bf16_kernels() is None:
-        pytest.skip("no AVX-512 BF16 kernel here")
+    if fast.draft_kernels() is None:
+        pytest.skip("no AVX-512 VNNI draft kernels here")
     pair = feature_pair(pair_dirs, "llama", kind)
     ro = pair.draft.readout
     w = ro.lm_head.weight.detach()

@@ -66,10 +66,9 @@ class Readout:
         self.subset: torch.Tensor | None = None  # draft vocabulary (sorted target ids) or None
         self._sub: Any = None
         # proposals (no grad) read tokens through an int8 copy of the frozen lm_head (rows of the
-        # subset), made once, where the CPU has the kernel; bf16 = False: fp32 always (the name
-        # is the first form's: a bf16 copy)
-        self.bf16 = True
-        self._bf16: tuple[Any, torch.Tensor | None] | None = None
+        # subset), made once, where the CPU has the kernel; int8 = False: fp32 always
+        self.int8 = True
+        self._int8: tuple[Any, torch.Tensor | None] | None = None
 
     def set_vocab(self, ids: torch.Tensor | None) -> None:
         from ..fast import PackedLinear
@@ -82,7 +81,7 @@ class Readout:
         b = self.lm_head.bias
         self.subset = ids
         self._sub = PackedLinear(self.lm_head.weight.detach()[ids], None if b is None else b.detach()[ids])
-        self._bf16 = None
+        self._int8 = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -96,7 +95,7 @@ class Readout:
         x = feat.to(self.lm_head.weight.device, self.dtype)
         if self.norm is not None:
             x = self.norm(x)
-        z = self._bf16_logits(x)
+        z = self._int8_logits(x)
         if z is not None:
             if self.subset is None:
                 return pad_vocab(z, self.vocab_size)
@@ -112,26 +111,25 @@ class Readout:
         return pad_vocab(head(x).float(), self.vocab_size)
 
 
-    def _bf16_logits(self, x: torch.Tensor) -> torch.Tensor | None:
+    def _int8_logits(self, x: torch.Tensor) -> torch.Tensor | None:
         """A proposal's readout (no grad, fp32, CPU, one thread, few rows) through the int8
-        kernel: 3.2 MB read per token instead of the demo target's 12.6 MB fp32 lm_head (bf16, the
-        first form: 6.3 MB). A draft's logits only choose what it proposes (the target checks
+        kernel: 3.2 MB read per token instead of the demo target's 12.6 MB fp32 lm_head. A draft's logits only choose what it proposes (the target checks
         every token), so this changes no output; the training form (grad) keeps the fp32
         readout. None: not applicable."""
         from .. import fast
-        if (not self.bf16 or torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu"
+        if (not self.int8 or torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu"
                 or torch.get_num_threads() != 1):
             return None
-        ks = fast.bf16_kernels()
+        ks = fast.draft_kernels()
         rows = x.numel() // x.shape[-1]
         if ks is None or rows > fast.DRAFT_MAX_ROWS:
             return None
-        if self._bf16 is None:
+        if self._int8 is None:
             w, b = self.lm_head.weight.detach(), self.lm_head.bias
             if self.subset is not None:
                 w, b = w[self.subset], None if b is None else b.detach()[self.subset]
-            self._bf16 = (fast.pack_i8(ks, w), None if b is None else b.detach().float().contiguous())
-        w8, b = self._bf16
+            self._int8 = (fast.pack_i8(ks, w), None if b is None else b.detach().float().contiguous())
+        w8, b = self._int8
         y = fast._gemm_i8(ks, x.reshape(rows, x.shape[-1]).contiguous(), w8, b)
         return y.view(*x.shape[:-1], w8.n)
 

@@ -48,13 +48,14 @@ class LMDraft(Draft):
         """The fast path's forward over the live weights (fast.enable(model, frozen=False))."""
         return fast.lean_of(self.model)
 
-    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """fused: the proposal copies are current (propose synced them once)."""
         if isinstance(self.cache, fast.KVCache):
             lean = self.lean
             logits = None
             # a few tokens: one at a time through the fused step (None: it does not apply here,
             # and then it applies to none of them, so the plain forward takes them all)
-            if ids.numel() <= 4 and lean.sync_mirrors():
+            if fused and ids.numel() <= 4:
                 for tok in ids.tolist():
                     logits = lean.draft_step(tok, self.cache)
                     if logits is None:
@@ -77,8 +78,10 @@ class LMDraft(Draft):
         n_cached = self.cache.get_seq_length()
         pending = seq[n_cached:]
         tokens, logits, probs = [], [], []
+        lean = self.lean
+        fused = lean is not None and isinstance(self.cache, fast.KVCache) and lean.sync_mirrors()
         for _ in range(k):
-            last = self._forward(pending)
+            last = self._forward(pending, fused)
             if cfg.greedy:  # argmax of the logits; the k softmaxes as one call at the end
                 x = greedy(last)
             else:
