@@ -28,7 +28,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -310,8 +310,8 @@ extern "C" void os_attn(const float* q, int64_t n, int64_t hq, int64_t hkv, int6
 // The per-round online loss KL(p || q) = sum_v p_v (t_v - d_v) - lse(t) + lse(d), p = softmax(t),
 // q = softmax(d), per row of fp32 logits [m, V] (fp32 sums in 16 lanes). Columns where the draft's
 // logit is +-inf (outside a reduced vocabulary, pad_vocab) are left out, as updaters.losses drops
-// them; a NaN in a kept column gives NaN.
-extern "C" void os_kl_rows(const float* d, const float* t, int64_t m, int64_t V, float* out) {
+// them; a NaN in a kept column gives NaN. g (or null): the gradient rows q - p [m, V].
+extern "C" void os_kl_rows(const float* d, const float* t, int64_t m, int64_t V, float* out, float* g) {
     Ftz ftz;
     const __m512 ninf = _mm512_set1_ps(-INFINITY);
     for (int64_t r = 0; r < m; ++r) {
@@ -343,6 +343,18 @@ extern "C" void os_kl_rows(const float* d, const float* t, int64_t m, int64_t V,
         }
         float fsd = _mm512_reduce_add_ps(sd), fst = _mm512_reduce_add_ps(st), fdot = _mm512_reduce_add_ps(dot);
         out[r] = fdot / fst - (fmt + std::log(fst)) + (fmd + std::log(fsd));
+        if (g) {  // d KL / d d_v = q_v - p_v on the kept columns, 0 on the dropped ones
+            float* gr = g + r * V;
+            __m512 isd = _mm512_set1_ps(1.0f / fsd), ist = _mm512_set1_ps(1.0f / fst);
+            for (int64_t v = 0; v < V; v += 16) {
+                __mmask16 mk = V - v >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (V - v)) - 1u);
+                __m512 a = _mm512_mask_loadu_ps(ninf, mk, dr + v), b = _mm512_mask_loadu_ps(ninf, mk, tr + v);
+                __mmask16 fin = _mm512_cmp_ps_mask(_mm512_abs_ps(a), _mm512_set1_ps(INFINITY), _CMP_NEQ_UQ) & mk;
+                __m512 q = _mm512_mul_ps(exp512(_mm512_sub_ps(a, vmd)), isd);
+                __m512 pt = _mm512_mul_ps(exp512(_mm512_sub_ps(b, vmt)), ist);
+                _mm512_mask_storeu_ps(gr + v, mk, _mm512_maskz_sub_ps(fin, q, pt));
+            }
+        }
     }
 }
 """
@@ -503,8 +515,36 @@ def kl_rows(d: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
         return None
     d, t = d.contiguous(), t.contiguous()
     out = torch.empty(d.shape[0])
-    ks.kl(d.data_ptr(), t.data_ptr(), d.shape[0], d.shape[1], out.data_ptr())
+    ks.kl(d.data_ptr(), t.data_ptr(), d.shape[0], d.shape[1], out.data_ptr(), None)
     return out
+
+
+class _KLRows(torch.autograd.Function):
+    """KL(p || q) per row with its gradient q - p from the same pass (one kernel forward, one
+    multiply backward: a torch fkl is two log-softmaxes, a kl_div and ~6 backward ops)."""
+
+    @staticmethod
+    def forward(ctx, d: torch.Tensor, t: torch.Tensor, ks: Any) -> torch.Tensor:  # type: ignore[override]
+        out = torch.empty(d.shape[0])
+        g = torch.empty_like(d)
+        ks.kl(d.data_ptr(), t.data_ptr(), d.shape[0], d.shape[1], out.data_ptr(), g.data_ptr())
+        ctx.save_for_backward(g)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        (g,) = ctx.saved_tensors
+        return g * grad_out[:, None], None, None
+
+
+def kl_rows_grad(d: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
+    """kl_rows for a training step: d [m, V] fp32 CPU logits with grad, t the target's (no
+    grad): per-row KL whose backward is (q - p) * grad; None when the kernels do not apply."""
+    ks = kernels()
+    if (ks is None or d.dtype != torch.float32 or t.dtype != torch.float32 or d.device.type != "cpu"
+            or d.shape != t.shape or d.dim() != 2 or t.requires_grad or d.shape[0] == 0):
+        return None
+    return _KLRows.apply(d.contiguous(), t.detach().contiguous(), ks)
 
 
 _gemm_lib: list = []  # [ctypes function or None] once tried
@@ -531,7 +571,7 @@ class _Kernels:
         self.attn = lib.os_attn
         self.attn.argtypes = [P, I, I, I, I, P, P, I, I, ctypes.c_float, P, P]
         self.kl = lib.os_kl_rows
-        self.kl.argtypes = [P, P, I, I, P]
+        self.kl.argtypes = [P, P, I, I, P, P]
         for f in (self.gemm, self.rms_norm, self.rope_kv, self.attn, self.kl):
             f.restype = None
 

@@ -484,3 +484,29 @@ def test_online_loss_kernel_matches_the_torch_divergence():
         d[1, 0] = float("nan")
         got = fast.kl_rows(d, t)
         assert torch.isnan(got[1]) and not torch.isnan(got[0]) and not torch.isnan(got[2])
+
+
+@needs_kernels
+def test_training_kl_kernel_gives_torchs_loss_and_gradient():
+    """fast.kl_rows_grad (the default fkl training loss) = the torch divergence in value and in
+    gradient (q - p), -inf draft columns getting none; NaN still reaches the guard."""
+    import torch.nn.functional as F
+    from onlinespec_core.updaters.losses import _finite_columns
+    g = torch.Generator().manual_seed(1)
+    for v in (8192, 100, 37):
+        base, t = torch.randn(4, v, generator=g) * 3, torch.randn(4, v, generator=g) * 3
+        base[:, 3:9] = float("-inf")
+        w = torch.rand(4, generator=g)
+        a, b = base.clone().requires_grad_(), base.clone().requires_grad_()
+        got = fast.kl_rows_grad(a, t)
+        (got * w).sum().backward()
+        dd, tt = _finite_columns(b, t)
+        want = F.kl_div(F.log_softmax(dd, -1), F.log_softmax(tt, -1), reduction="none", log_target=True).sum(-1)
+        (want * w).sum().backward()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-7, rtol=1e-5)
+        assert torch.all(a.grad[:, 3:9] == 0)
+        nan = base.clone()
+        nan[2, 0] = float("nan")
+        out = fast.kl_rows_grad(nan.requires_grad_(), t)
+        assert torch.isnan(out[2]) and torch.isfinite(out[[0, 1, 3]]).all()

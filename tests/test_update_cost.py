@@ -1,7 +1,7 @@
 """The cheaper lm-draft update step (issue 12) computes what the plain forms compute: DPO's merged
 losses equal the per-round ones, the reference forward leaves the live weights (and the proposal
-cache) as they were, fp32 masters are the parameters themselves, the lean re-read of another
-sequence's round equals HF's (values and gradient), and train='layers' leaves the vocabulary
+cache) as they were, fp32 masters are the parameters themselves, another sequence's round reads
+its context as constants (values as HF's, gradient as the proposal cache's), and train='layers' leaves the vocabulary
 matrices alone. No timing here (benchmarks measure cost)."""
 from __future__ import annotations
 
@@ -42,7 +42,11 @@ def test_merged_dpo_losses_equal_the_per_round_form(pair_dirs, rounds, opts):
     ups = []
     for merge in (True, False):
         up = DPOUpdater(merge=merge, every=4, batch=4, lr=1e-2, **opts)
-        up.attach(llama_pair(pair_dirs).draft)
+        draft = llama_pair(pair_dirs).draft
+        # HF's re-read (grad through every context): the same function in both forms; the lean
+        # form holds the context before a group constant, so its per-round form differs by design
+        draft.reuse_cache = False
+        up.attach(draft)
         for r in rounds[10:18]:  # a few steps: the reference now differs from the weights
             up.observe(r)
         ups.append(up)
@@ -106,26 +110,82 @@ def test_bf16_draft_keeps_fp32_master_copies(pair_dirs, rounds):
     assert all(m.dtype == torch.float32 for m in up.master) and not aliased(up.params, up.master)
 
 
-def test_other_sequence_round_lean_reread_equals_hf(pair_dirs, rounds):
-    """A round of another sequence (no fresh proposal cache): the lean re-read of its tail gives
-    HF's logits and HF's gradient (grad through the whole tail)."""
+def test_other_sequence_round_reads_its_context_as_constants(pair_dirs, rounds):
+    """A round of another sequence (no fresh proposal cache): the lean form re-reads its tail
+    without grad and runs only the round's rows with grad. Its logits equal HF's re-read, and
+    its gradient equals the one the proposal's own cache gives (the context's K/V constants in
+    both), so a batch spanning prompts trains every round alike."""
+    from onlinespec_core.sampling import SamplingConfig
     pair = llama_pair(pair_dirs)
     draft = pair.draft
     assert draft.lean is not None
     r = rounds[3]
-    assert draft._context_state(r) is None
+    assert draft._context_state(r) is None and r.context_tail.numel() == r.context_len
     params = [p for p in draft.module.parameters()]
-    out = []
-    for reuse in (True, False):
-        draft.reuse_cache = reuse
-        out.append(logits_and_grads(draft, r, params))
+    reread = logits_and_grads(draft, r, params)
+    draft.reuse_cache = False
+    hf = logits_and_grads(draft, r, params)
     draft.reuse_cache = True
-    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-4, atol=1e-4)
-    for a, b in zip(out[0][1], out[1][1]):
+    torch.testing.assert_close(reread[0], hf[0], rtol=1e-4, atol=1e-4)
+    seq = r.context_tail.clone()
+    draft.propose(seq, 1, SamplingConfig(), None)  # the proposal's cache now holds the context
+    draft.commit(seq.numel())
+    assert draft._context_state(r) == "fresh"
+    fresh = logits_and_grads(draft, r, params)
+    torch.testing.assert_close(reread[0], fresh[0], rtol=1e-4, atol=1e-4)
+    moved = 0
+    for a, b in zip(reread[1], fresh[1]):
         if a is None or b is None:
             assert a is None and b is None
             continue
         torch.testing.assert_close(a.to_dense(), b.to_dense(), rtol=1e-3, atol=1e-5)
+        moved += int(bool(a.to_dense().abs().sum() > 0))
+    assert moved >= 3  # embedding/head, attention and MLP weights all get a gradient
+
+
+def test_context_grad_on_gives_hfs_gradient(pair_dirs, rounds):
+    """Option context_grad=on: the lean re-read of a round's tail gives HF's logits and HF's
+    gradient (grad through the whole tail), whether or not the proposal cache holds it."""
+    from onlinespec_core.sampling import SamplingConfig
+    pair = llama_pair(pair_dirs)
+    draft = pair.draft
+    r = rounds[3]
+    params = [p for p in draft.module.parameters()]
+    draft.reuse_cache = False
+    hf = logits_and_grads(draft, r, params)
+    draft.reuse_cache = True
+    draft.context_grad = True
+    outs = [logits_and_grads(draft, r, params)]
+    draft.propose(r.context_tail.clone(), 1, SamplingConfig(), None)
+    draft.commit(r.context_tail.numel())
+    assert draft._context_state(r) == "fresh"
+    outs.append(logits_and_grads(draft, r, params))
+    draft.context_grad = False
+    for lg, gs in outs:
+        torch.testing.assert_close(lg, hf[0], rtol=1e-4, atol=1e-4)
+        for a, b in zip(gs, hf[1]):
+            if a is None or b is None:
+                assert a is None and b is None
+                continue
+            torch.testing.assert_close(a.to_dense(), b.to_dense(), rtol=1e-3, atol=1e-5)
+
+
+def test_context_grad_option_reaches_the_draft_only_during_a_step(pair_dirs, rounds):
+    seen = []
+    pair = llama_pair(pair_dirs)
+    d = pair.draft
+    orig = d.train_logits
+    d.train_logits = lambda rnd: (seen.append(d.context_grad), orig(rnd))[1]
+    for opt, want in (("on", True), ("off", False), ("auto", False)):
+        seen.clear()
+        up = make_updater("ogd", every=2, batch=2, context_grad=opt)
+        up.attach(d)
+        for r in rounds[:4]:
+            up.observe(r)
+        up.detach()
+        assert seen and set(seen) == {want} and d.context_grad is False
+    with pytest.raises(osc.OnlineSpecError, match="context_grad"):
+        make_updater("ogd", context_grad="sometimes")
 
 
 @pytest.mark.parametrize("name", ["ogd", "dpo"])

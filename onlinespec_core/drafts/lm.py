@@ -26,6 +26,10 @@ class LMDraft(Draft):
         self.cached: torch.Tensor | None = None  # the sequence the cache was filled from
         self.cache_version: int | None = None  # weights_version() when the cache was (re)filled
         self.reuse_cache = True  # train_logits: attend to the proposal's cached context K/V
+        # train_logits on the fast path: False = the context's K/V are constants of the step
+        # (the proposal's cache, or a no-grad re-read), only the rounds' rows run with grad;
+        # True = HF's gradient, through the whole re-read tail (updaters' option context_grad)
+        self.context_grad = False
 
     @property
     def device(self) -> torch.device:
@@ -121,34 +125,36 @@ class LMDraft(Draft):
         # q_i conditions on context + x_1..x_{i-1}: feed the context tail and drafted[:-1]
         assert rnd.context_tail is not None
         state, lean = self._context_state(rnd), self.lean
-        if state is None and lean is not None and self.reuse_cache and rnd.context_tail.numel() > 0:
-            # another sequence's round (the batch spans a new prompt, chunk cadence, a restore):
-            # HF's computation below (the tail re-read, grad through all of it, logits of the last
-            # k positions) on the lean forward: measured ~3.6 ms a call through HF's module stack
+        if state is None and not (lean is not None and self.reuse_cache and rnd.context_tail.numel() > 0):
+            return self._hf_train_logits(rnd)
+        if self.context_grad:  # HF's computation (the tail re-read, grad through all of it) on the lean forward
             drafted = torch.tensor(rnd.drafted[:-1], dtype=torch.long, device=self.device)
             ids = torch.cat([rnd.context_tail.to(self.device), drafted])
             start = rnd.context_len - rnd.context_tail.numel()  # same positions as at drafting time
             hidden = lean._layers(ids, 0, lambda li, k, v: (k, v), start)
             return pad_vocab(self._train_head(lean, hidden[-rnd.k:]), self.vocab_size)
-        if state is not None:
-            drafted = torch.tensor(rnd.drafted[:-1], dtype=torch.long, device=self.device)
-            ids = torch.cat([rnd.context_tail[-1:].to(self.device), drafted])
-            if state == "fresh":  # the proposal's own K/V: only the drafted rows run, with grad
-                return pad_vocab(self._after(lean, ids, self.cache, rnd.context_len - 1), self.vocab_size)
-            # stale (another expert's weights): the tail's K/V under the current weights, no
-            # grad, then the same form; the proposal ran the same, so no gradient flows there
-            tail = rnd.context_tail.to(self.device)
-            ctx = lean.new_cache(capacity=tail.numel() + ids.numel())
-            if tail.numel() > 1:  # F.linear on the live weights: not lean.forward, whose no-grad
-                # form re-packs the proposal copies (~2.5 ms) for weights that are about to move
-                n = tail.numel() - 1
-                ctx.reserve(n)
-                with torch.no_grad():
-                    lean._layers(tail[:-1], 0, ctx.write, rnd.context_len - tail.numel())
-                ctx.length = n
-            return pad_vocab(self._after(lean, ids, ctx, ctx.length, pos=rnd.context_len - 1),
-                             self.vocab_size)
-        # no fast path (or reuse_cache off): HF's forward re-reads the tail, grad through all
+        drafted = torch.tensor(rnd.drafted[:-1], dtype=torch.long, device=self.device)
+        ids = torch.cat([rnd.context_tail[-1:].to(self.device), drafted])
+        if state == "fresh":  # the proposal's own K/V: only the drafted rows run, with grad
+            return pad_vocab(self._after(lean, ids, self.cache, rnd.context_len - 1), self.vocab_size)
+        # stale (another expert's weights) or another sequence (a batch spanning prompts, chunk
+        # cadence, a restore): the tail's K/V under the current weights, no grad, then the same
+        # form as fresh - the context is a constant of the step, as in the proposal's cache (a
+        # grad through the whole re-read tail cost ~6 ms for one 1-row round of a 109-token tail)
+        tail = rnd.context_tail.to(self.device)
+        ctx = lean.new_cache(capacity=tail.numel() + ids.numel())
+        if tail.numel() > 1:  # F.linear on the live weights: not lean.forward, whose no-grad
+            # form re-packs the proposal copies (~2.5 ms) for weights that are about to move
+            n = tail.numel() - 1
+            ctx.reserve(n)
+            with torch.no_grad():
+                lean._layers(tail[:-1], 0, ctx.write, rnd.context_len - tail.numel())
+            ctx.length = n
+        return pad_vocab(self._after(lean, ids, ctx, ctx.length, pos=rnd.context_len - 1),
+                         self.vocab_size)
+
+    def _hf_train_logits(self, rnd: Round) -> torch.Tensor:
+        """No fast path (or reuse_cache off): HF's forward re-reads the tail, grad through all."""
         drafted = torch.tensor(rnd.drafted[:-1], dtype=torch.long, device=rnd.context_tail.device)
         ids = torch.cat([rnd.context_tail, drafted])[None].to(self.device)
         start = rnd.context_len - rnd.context_tail.numel()  # same positions as at drafting time

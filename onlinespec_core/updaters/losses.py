@@ -42,6 +42,11 @@ def _finite_columns(draft_logits: torch.Tensor, target_logits: torch.Tensor
 def distill_rows(draft_logits: torch.Tensor, target_logits: torch.Tensor, kind: str = "fkl",
                  temperature: float = 1.0) -> torch.Tensor:
     """Per-row divergence [m] between target and draft distributions ([m, V] each)."""
+    if kind == "fkl" and temperature == 1.0 and draft_logits.requires_grad:
+        from ..fast import kl_rows_grad  # the default training loss: one compiled pass, fwd + grad
+        per = kl_rows_grad(draft_logits, target_logits.float())
+        if per is not None:
+            return per
     d, t = _finite_columns(draft_logits.float(), target_logits.float())
     if temperature != 1.0:
         d, t = d / temperature, t / temperature
