@@ -216,13 +216,18 @@ def test_ensemble_frozen_expert_relative_hedge(rounds_and_pair, pair_dirs):
 
 def first_step(up, draft, rounds):
     """Attach, take the gradient of the first batch (rounds 0-1) by hand, then let the updater
-    observe them: (params, weights before, that gradient)."""
+    observe them: (params, weights before, that gradient). Both take HF's gradient (through the
+    whole re-read context: context_grad on), so the per-round form by hand and the updater's
+    merged form are one function."""
+    assert up.cfg.context_grad == "on"
     up.attach(draft)
     params = list(draft.module.parameters())
     w1 = [p.detach().clone() for p in params]
+    draft.context_grad = True
     with torch.enable_grad():
         loss = torch.stack([round_distill_loss(draft.train_logits(r), r) for r in rounds[:2]]).mean()
         g1 = torch.autograd.grad(loss, params)
+    draft.context_grad = False
     up.observe(rounds[0])
     up.observe(rounds[1])
     return params, w1, g1
@@ -231,7 +236,8 @@ def first_step(up, draft, rounds):
 def test_optimistic_step_on_draft(rounds_and_pair, pair_dirs):
     rounds, _ = rounds_and_pair
     draft = fresh_draft(pair_dirs)
-    up = OptimisticUpdater(every=2, batch=2, lr=0.05, max_grad_norm=0, precondition="none", anchor=0.0)
+    up = OptimisticUpdater(every=2, batch=2, lr=0.05, max_grad_norm=0, precondition="none", anchor=0.0,
+                           context_grad="on")
     params, w1, g1 = first_step(up, draft, rounds)
     for p, w, g, s, h in zip(params, w1, g1, up.shadow, up.hint):  # h_1 = 0
         torch.testing.assert_close(s, w - 0.05 * g)
@@ -338,7 +344,7 @@ def test_optimistic_adam_preconditioned_step(rounds_and_pair, pair_dirs):
     """precondition='adam': the optimistic pair of states moves on g / (sqrt(v^) + 1e-8)."""
     rounds, _ = rounds_and_pair
     draft = fresh_draft(pair_dirs)
-    up = OptimisticUpdater(every=2, batch=2, lr=1e-3, max_grad_norm=0, anchor=0.0)
+    up = OptimisticUpdater(every=2, batch=2, lr=1e-3, max_grad_norm=0, anchor=0.0, context_grad="on")
     assert up.cfg.precondition == "adam" and up.cfg.beta1 == 0.9
     params, w1, g1 = first_step(up, draft, rounds)
     for p, w, g in zip(params, w1, g1):  # t = 1: m^ = g, v^ = g^2, so d = g / (|g| + 1e-8) ~ sign(g)
