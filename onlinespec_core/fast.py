@@ -1322,11 +1322,16 @@ class LeanLM:
         """Training form (grad on): logits [n, V] of ids [n] after the cache's first `start` rows
         (at positions start.., or pos..), attending to those rows' keys/values as constants (no
         gradient flows into the context; its K/V were computed with these same weights)."""
+        return self.lm_head(self.hidden_after(ids, cache, start, pos))
+
+    def hidden_after(self, ids: torch.Tensor, cache: KVCache, start: int,
+                     pos: int | None = None) -> torch.Tensor:
+        """forward_after's final-norm states [n, H], before the lm_head."""
         def kv(li: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             # clone: the cache was written under inference_mode
             return (torch.cat([cache.k[li][:, :start].clone(), k], dim=1),
                     torch.cat([cache.v[li][:, :start].clone(), v], dim=1))
-        return self.lm_head(self._layers(ids, start, kv, pos))
+        return self._layers(ids, start, kv, pos)
 
     def weights_version(self) -> int:
         """Changes whenever any weight is written in place (optimizer steps, load_state)."""

@@ -174,8 +174,8 @@ def test_context_grad_option_reaches_the_draft_only_during_a_step(pair_dirs, rou
     seen = []
     pair = llama_pair(pair_dirs)
     d = pair.draft
-    orig = d.train_logits
-    d.train_logits = lambda rnd: (seen.append(d.context_grad), orig(rnd))[1]
+    orig = d.train_hidden
+    d.train_hidden = lambda rnd: (seen.append(d.context_grad), orig(rnd))[1]
     for opt, want in (("on", True), ("off", False), ("auto", False)):
         seen.clear()
         up = make_updater("ogd", every=2, batch=2, context_grad=opt)
@@ -266,3 +266,36 @@ def test_dpo_save_load_continues_exactly(pair_dirs, tmp_path, opts):
     assert got == want and b.updater.stats() == a.updater.stats()
     for x, y in zip(a_pair.draft.module.parameters(), b_pair.draft.module.parameters()):
         assert torch.equal(x, y)
+
+
+def test_merged_rows_run_one_head_over_every_sequence(pair_dirs, rounds):
+    """merged_rows on the fast path: each sequence's states, then ONE lm_head over all rows;
+    the same rows (values and gradient) as each sequence's own logits."""
+    from onlinespec_core.updaters.gradient import contiguous_groups, sequence_round
+    from onlinespec_core.updaters.losses import n_positions
+    pair = llama_pair(pair_dirs)
+    d = pair.draft
+    up = make_updater("ogd")
+    up.attach(d)
+    cut = next(i for i in range(1, len(rounds)) if rounds[i].context_len < rounds[i - 1].context_len)
+    batch = rounds[cut - 3:cut + 3]  # the last rounds of the first prompt, the first of the second
+    groups = contiguous_groups(batch)
+    assert len(groups) == 2
+    params = list(d.module.parameters())
+    with torch.enable_grad():
+        rows, ms = up.merged_rows(batch)
+        ga = torch.autograd.grad(torch.log_softmax(rows, -1)[:, 5].sum(), params, allow_unused=True)
+        want = []
+        for g in groups:
+            lg = d.train_logits(sequence_round([batch[i] for i in g], ms[g[-1]]))
+            off0 = batch[g[0]].context_len
+            want += [lg[batch[i].context_len - off0:][:ms[i]] for i in g]
+        want = torch.cat(want)
+        gb = torch.autograd.grad(torch.log_softmax(want, -1)[:, 5].sum(), params, allow_unused=True)
+    assert ms == [min(n_positions(r), r.k) for r in batch]
+    torch.testing.assert_close(rows, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(ga, gb):
+        if a is None or b is None:
+            assert a is None and b is None
+            continue
+        torch.testing.assert_close(a.to_dense(), b.to_dense(), rtol=1e-4, atol=1e-6)

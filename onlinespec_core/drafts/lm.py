@@ -123,20 +123,25 @@ class LMDraft(Draft):
 
     def train_logits(self, rnd: Round) -> torch.Tensor:
         # q_i conditions on context + x_1..x_{i-1}: feed the context tail and drafted[:-1]
+        hidden = self.train_hidden(rnd)
+        return self._hf_train_logits(rnd) if hidden is None else self.train_head(hidden)
+
+    def train_hidden(self, rnd: Round) -> torch.Tensor | None:
+        """The round's final-norm states [k, H] on the fast path (train_head gives the logits),
+        or None where only HF's forward applies (no fast path, reuse_cache off)."""
         assert rnd.context_tail is not None
         state, lean = self._context_state(rnd), self.lean
         if state is None and not (lean is not None and self.reuse_cache and rnd.context_tail.numel() > 0):
-            return self._hf_train_logits(rnd)
+            return None
         if self.context_grad:  # HF's computation (the tail re-read, grad through all of it) on the lean forward
             drafted = torch.tensor(rnd.drafted[:-1], dtype=torch.long, device=self.device)
             ids = torch.cat([rnd.context_tail.to(self.device), drafted])
             start = rnd.context_len - rnd.context_tail.numel()  # same positions as at drafting time
-            hidden = lean._layers(ids, 0, lambda li, k, v: (k, v), start)
-            return pad_vocab(self._train_head(lean, hidden[-rnd.k:]), self.vocab_size)
+            return lean._layers(ids, 0, lambda li, k, v: (k, v), start)[-rnd.k:]
         drafted = torch.tensor(rnd.drafted[:-1], dtype=torch.long, device=self.device)
         ids = torch.cat([rnd.context_tail[-1:].to(self.device), drafted])
         if state == "fresh":  # the proposal's own K/V: only the drafted rows run, with grad
-            return pad_vocab(self._after(lean, ids, self.cache, rnd.context_len - 1), self.vocab_size)
+            return lean.hidden_after(ids, self.cache, rnd.context_len - 1)
         # stale (another expert's weights) or another sequence (a batch spanning prompts, chunk
         # cadence, a restore): the tail's K/V under the current weights, no grad, then the same
         # form as fresh - the context is a constant of the step, as in the proposal's cache (a
@@ -150,8 +155,12 @@ class LMDraft(Draft):
             with torch.no_grad():
                 lean._layers(tail[:-1], 0, ctx.write, rnd.context_len - tail.numel())
             ctx.length = n
-        return pad_vocab(self._after(lean, ids, ctx, ctx.length, pos=rnd.context_len - 1),
-                         self.vocab_size)
+        return lean.hidden_after(ids, ctx, ctx.length, pos=rnd.context_len - 1)
+
+    def train_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [n, V] (the target's vocab) of train_hidden rows: one lm_head over every row
+        of a batch (one dense [V, H] head gradient per step, not one per sequence)."""
+        return pad_vocab(self._train_head(self.lean, hidden), self.vocab_size)
 
     def _hf_train_logits(self, rnd: Round) -> torch.Tensor:
         """No fast path (or reuse_cache off): HF's forward re-reads the tail, grad through all."""
@@ -168,16 +177,6 @@ class LMDraft(Draft):
     # tokens and of the draft's own top-n at each row (sparse, like the tied embedding's input
     # side); the logits and every other gradient (hidden states, layers) stay the full ones.
     train_support: tuple[torch.Tensor, int] | None = None
-
-    def _after(self, lean: fast.LeanLM, ids: torch.Tensor, cache: fast.KVCache, start: int,
-               pos: int | None = None) -> torch.Tensor:
-        if self.train_support is None or not torch.is_grad_enabled():
-            return lean.forward_after(ids, cache, start, pos)
-
-        def kv(li: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return (torch.cat([cache.k[li][:, :start].clone(), k], dim=1),  # as forward_after
-                    torch.cat([cache.v[li][:, :start].clone(), v], dim=1))
-        return self._train_head(lean, lean._layers(ids, start, kv, pos))
 
     def _train_head(self, lean: fast.LeanLM, hidden: torch.Tensor) -> torch.Tensor:
         sup = self.train_support

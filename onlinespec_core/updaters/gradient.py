@@ -535,14 +535,21 @@ class GradientUpdater(Updater):
         forward per sequence (contiguous_groups are runs of consecutive rounds, so the groups'
         rows concatenated are in batch order), and ms (rows per round)."""
         ms = [min(n_positions(r, self.cfg.positions), r.k) for r in batch]
-        rows = []
+        rows, heads = [], True  # heads: the draft gives states (train_hidden): one head at the end
         for g in contiguous_groups(batch):
             first = batch[g[0]]
-            logits = self.draft.train_logits(sequence_round([batch[i] for i in g], ms[g[-1]]))
+            merged = sequence_round([batch[i] for i in g], ms[g[-1]])
+            out = self.draft.train_hidden(merged) if heads and hasattr(self.draft, "train_hidden") else None
+            if out is None:
+                if heads and rows:  # a group without states: the earlier groups' logits now
+                    rows = [self.draft.train_head(h) for h in rows]
+                heads = False
+                out = self.draft.train_logits(merged)
             idx = [o for i in g for o in range(batch[i].context_len - first.context_len,
                                                  batch[i].context_len - first.context_len + ms[i])]
-            rows.append(logits.index_select(0, torch.tensor(idx, device=logits.device)))
-        return (rows[0] if len(rows) == 1 else torch.cat(rows)), ms
+            rows.append(out.index_select(0, torch.tensor(idx, device=out.device)))
+        rows_t = rows[0] if len(rows) == 1 else torch.cat(rows)
+        return (self.draft.train_head(rows_t) if heads else rows_t), ms
 
     def losses_and_grads(self, batch: list[Round], clip: bool = True
                          ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
