@@ -455,7 +455,7 @@ class Engine:
         before = draft.state_tensors()
         try:
             state_fmt.load_weights(draft.module, st.draft, where, fix)  # checks before writing
-            if before:  # a kind that learns outside its weights: the saved state (empty if none)
+            if before or dtensors:  # a kind that learns outside its weights: the saved state (empty if none)
                 draft.load_state_tensors(dtensors or {k: v[:0] for k, v in before.items()})
             updater.attach(draft)
             try:

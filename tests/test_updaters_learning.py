@@ -47,7 +47,9 @@ def test_every_updater_learns_on_a_repetitive_stream(far_pair_dirs, frozen_tau, 
 RESTORE = [("ogd", {"every": 2}, 0.0), ("optimistic", {}, 0.0), ("optimistic", {"form": "momentum"}, 0.0),
            ("ensemble", {"every": 2, "hedge": "discounted"}, 0.0), ("dpo", {"every": 2, "ref_every": 6}, 0.0),
            ("ogd", {"cadence": "chunk", "chunk_prompts": 2, "batch": 3}, 0.0),
-           ("ogd", {"every": 2}, 0.8), ("ensemble", {"every": 2}, 0.8)]  # sampling: RNG restored too
+           ("ogd", {"every": 2}, 0.8), ("ensemble", {"every": 2}, 0.8),  # sampling: RNG restored too
+           ("dpo", {"every": 2, "cache_lr": 0.3, "bigram_lr": 1.0}, 0.0),  # the logit cache's tables too
+           ("ogd", {"every": 2, "bigram_lr": 1.0, "cache_decay": 0.1}, 0.8)]
 
 
 def run_prompts(eng, prompts):
@@ -88,3 +90,27 @@ def test_ensemble_falls_back_to_frozen_when_learning_hurts(far_pair_dirs):
         eng.generate("def add(a, b):", max_new_tokens=32)
     w = eng.updater.stats()["weights"]
     assert w[0] == max(w), w
+
+
+def test_logit_cache_alone_learns_and_stays_lossless(far_pair_dirs):
+    """The fast logit tables with the network's own steps off (lr tiny): tau still rises on the
+    repetitive stream, from the rounds' own logits (no backward), and every output is the
+    target's own."""
+    pair = osc.load_pair(target=far_pair_dirs[0], draft=far_pair_dirs[1])
+    ar = osc.Engine(osc.load_pair(target=far_pair_dirs[0], draft=far_pair_dirs[1]), k=0)
+    want = ar.generate("def add(a, b):", max_new_tokens=32).token_ids
+    eng = osc.Engine(pair, k=4, updater="ogd", updater_options={"lr": 1e-9, "anchor": 0.0, "cache_lr": 0.3,
+                                                                "bigram_lr": 2.0, "cache_decay": 0.01})
+    taus = []
+    for _ in range(6):
+        out = eng.generate("def add(a, b):", max_new_tokens=32)
+        assert out.token_ids == want
+        taus.append(out.stats["tau"])
+    assert taus[-1] >= taus[0] + 0.3, taus
+    assert pair.draft.logit_cache is eng.updater.cache and eng.updater.cache.rows
+    tables = pair.draft.logit_cache
+    eng.set_updater("frozen")  # like the learnt weights, the tables stay (and stop learning)
+    assert pair.draft.logit_cache is tables
+    before = tables.unigram.clone()
+    assert eng.generate("def add(a, b):", max_new_tokens=32).token_ids == want
+    assert torch.equal(tables.unigram, before)

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..drafts.base import Draft
+from ..drafts.logit_cache import LogitCache
 from ..errors import require
 from ..feedback import Round
 from ..options import build
@@ -56,6 +57,10 @@ class GradConfig:
     #                     context tail too (HF's); off = the context's K/V are constants (the proposal's
     #                     cache; ~6 ms less per re-read tail, the same tau on shift_long); auto = on for
     #                     chunk cadence (finished sequences, one re-read per block), off for rounds
+    cache_lr: float = 0.0  # lm drafts: step size of the fast unigram logit table (drafts.logit_cache;
+    #                        one OGD step per round from the round's own logits, no backward; 0 = off)
+    bigram_lr: float = 0.0  # ... of the fast bigram logit table B[previous token] (0 = off)
+    cache_decay: float = 0.05  # per round, both tables: u <- (1 - decay) u (a short memory)
     head_rows: int = 0  # lm drafts, ogd/dpo: 0 = the exact gradient; N > 0 = the output head learns on
     #                     the rows of the batch's tokens and of the draft's top-N at each position only
     #                     (sparse rows, lazy Adam on them, the anchor on them; logits and the hidden
@@ -74,6 +79,8 @@ class GradConfig:
         require(self.max_grad_norm >= 0, f"{name}: max_grad_norm must be >= 0 (0 = off)")
         require(self.feature_weight >= 0, f"{name}: feature_weight must be >= 0")
         require(0 <= self.anchor < 1, f"{name}: anchor must be in [0, 1) (a fraction per step; 0 = off)")
+        require(self.cache_lr >= 0 and self.bigram_lr >= 0, f"{name}: cache_lr and bigram_lr must be >= 0 (0 = off)")
+        require(0 <= self.cache_decay < 1, f"{name}: cache_decay must be in [0, 1) (a fraction per round)")
         require(self.context_grad in ("auto", "on", "off"),
                 f"{name}: context_grad must be 'auto', 'on' or 'off', got {self.context_grad!r}")
         require(self.train in ("all", "layers"), f"{name}: train must be 'all' or 'layers', got {self.train!r}")
@@ -375,11 +382,34 @@ class GradientUpdater(Updater):
                                     "would restore broken weights; reload the draft before training it")
         self.draft, self.params = draft, params
         self.offline = fp32_copy(params) if self.cfg.anchor > 0 else []  # w0 for the anchor
+        self.cache = None  # the draft's logit tables, when this updater trains them
+        if self.cfg.cache_lr > 0 or self.cfg.bigram_lr > 0:
+            require(hasattr(draft, "logit_cache"), f"{self.name}: cache_lr / bigram_lr apply to lm drafts "
+                                                   f"only (this draft is {getattr(draft, 'kind', '?')!r}); set them to 0")
+            c = draft.logit_cache  # the draft's own (learnt state, saved with it): kept across updaters
+            if c is None or c.vocab != draft.vocab_size:
+                c = draft.logit_cache = LogitCache(draft.vocab_size, self.cfg.cache_decay, params[0].device)
+            c.decay = self.cfg.cache_decay
+            self.cache = c
         self.init_weights()
 
     def detach(self) -> None:
         if self.draft is not None:
             write_params(self.params, self.deployed())
+
+    @torch.no_grad()
+    def cache_step(self, rnd: Round) -> None:
+        """The logit cache's OGD step on this round: grad of the fkl loss at the deployed logits
+        (the proposal's, which include the cache) in u and B[prev] = q_i - p_i per path row."""
+        if rnd.k == 0 or rnd.draft_logits is None or rnd.target_logits is None or rnd.context_tail is None:
+            return
+        m = min(n_positions(rnd, self.cfg.positions), rnd.draft_logits.shape[0])
+        d, t = rnd.draft_logits[:m].float(), rnd.target_logits[:m].float().to(rnd.draft_logits.device)
+        g = torch.softmax(d, -1) - torch.softmax(t, -1)
+        if not bool(torch.isfinite(g).all()):
+            return
+        prevs = [int(rnd.context_tail[-1])] + [int(x) for x in rnd.drafted[:m - 1]]
+        self.cache.step(g.to(self.cache.unigram.device), prevs, self.cfg.cache_lr, self.cfg.bigram_lr)
 
     @property
     def feedback_rows(self) -> str:  # type: ignore[override]  (the config decides)
@@ -389,6 +419,8 @@ class GradientUpdater(Updater):
         c = self.cfg
         self.observed += 1
         loss = self.last_online_loss = online_loss(rnd, c.loss, c.positions, c.temperature)
+        if self.cache is not None:
+            self.cache_step(rnd)
         rows = n_positions(rnd, c.positions) if self.reads_target_logits else 0
         return Update(self._take(training_copy(rnd, rows)), loss)
 
