@@ -519,6 +519,18 @@ def kl_rows(d: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
     return out
 
 
+def kl_rows_and_grad(d: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """kl_rows and its gradient in d, q - p [m, V], from one pass (no autograd), or None."""
+    ks = kernels()
+    if (ks is None or d.dtype != torch.float32 or t.dtype != torch.float32 or d.device.type != "cpu"
+            or d.shape != t.shape or d.dim() != 2):
+        return None
+    d, t = d.contiguous(), t.contiguous()
+    out, g = torch.empty(d.shape[0]), torch.empty_like(d)
+    ks.kl(d.data_ptr(), t.data_ptr(), d.shape[0], d.shape[1], out.data_ptr(), g.data_ptr())
+    return out, g
+
+
 class _KLRows(torch.autograd.Function):
     """KL(p || q) per row with its gradient q - p from the same pass (one kernel forward, one
     multiply backward: a torch fkl is two log-softmaxes, a kl_div and ~6 backward ops)."""

@@ -23,6 +23,7 @@ class LogitCache:
         self.unigram = torch.zeros(vocab, device=device)
         self.rows: dict[int, tuple[torch.Tensor, int]] = {}  # prev token -> (row [V], round written)
         self.now = 0  # rounds observed
+        self.uses_unigram = False  # u stays 0 until a step with lr_unigram > 0 (skip the add)
 
     def _row(self, prev: int) -> torch.Tensor | None:
         got = self.rows.get(prev)
@@ -36,8 +37,8 @@ class LogitCache:
 
     def apply(self, logits: torch.Tensor, prev: int) -> torch.Tensor:
         """z + u + B[prev] for the logits [V] of the position after token prev."""
-        out = logits + self.unigram
         row = self._row(prev)
+        out = logits + self.unigram if self.uses_unigram else logits
         return out if row is None else out + row
 
     @torch.no_grad()
@@ -45,9 +46,11 @@ class LogitCache:
         """One round: grads [m, V] = q_i - p_i at the deployed logits, prevs [m] the token each
         row's position follows."""
         self.now += 1
-        self.unigram.mul_(1.0 - self.decay)
+        if self.uses_unigram:
+            self.unigram.mul_(1.0 - self.decay)
         if lr_unigram > 0:
             self.unigram.sub_(grads.sum(0), alpha=lr_unigram)
+            self.uses_unigram = True
         if lr_bigram > 0:
             for g, prev in zip(grads, prevs):
                 row = self._row(prev)  # decayed up to this round
@@ -70,6 +73,7 @@ class LogitCache:
         u, meta = tensors["unigram"], tensors["meta"]
         c = cls(u.numel(), float(meta[1]), u.device)
         c.unigram, c.now = u.clone().float(), int(meta[0])
+        c.uses_unigram = bool(c.unigram.any())
         if "prev" in tensors:
             for k, at, row in zip(tensors["prev"].tolist(), tensors["at"].tolist(), tensors["rows"]):
                 c.rows[int(k)] = (row.clone().float(), int(at))

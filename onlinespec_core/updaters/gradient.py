@@ -12,12 +12,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
 
+from .. import fast
 from ..drafts.base import Draft
 from ..drafts.logit_cache import LogitCache
 from ..errors import require
@@ -398,18 +400,26 @@ class GradientUpdater(Updater):
             write_params(self.params, self.deployed())
 
     @torch.no_grad()
-    def cache_step(self, rnd: Round) -> None:
+    def cache_step(self, rnd: Round) -> float | None:
         """The logit cache's OGD step on this round: grad of the fkl loss at the deployed logits
-        (the proposal's, which include the cache) in u and B[prev] = q_i - p_i per path row."""
+        (the proposal's, which include the cache) in u and B[prev] = q_i - p_i per path row.
+        Returns the round's online loss f_t(w_t) when the same pass gave it (fkl, T = 1)."""
         if rnd.k == 0 or rnd.draft_logits is None or rnd.target_logits is None or rnd.context_tail is None:
-            return
+            return None
         m = min(n_positions(rnd, self.cfg.positions), rnd.draft_logits.shape[0])
         d, t = rnd.draft_logits[:m].float(), rnd.target_logits[:m].float().to(rnd.draft_logits.device)
-        g = torch.softmax(d, -1) - torch.softmax(t, -1)
-        if not bool(torch.isfinite(g).all()):
-            return
-        prevs = [int(rnd.context_tail[-1])] + [int(x) for x in rnd.drafted[:m - 1]]
-        self.cache.step(g.to(self.cache.unigram.device), prevs, self.cfg.cache_lr, self.cfg.bigram_lr)
+        both = fast.kl_rows_and_grad(d, t)  # one compiled pass: KL per row and q - p
+        if both is None:
+            kl, g = None, torch.softmax(d, -1) - torch.softmax(t, -1)
+        else:
+            kl, g = both
+        loss = float(kl.mean()) if kl is not None else None
+        if loss is None or math.isfinite(loss):
+            if bool(torch.isfinite(g).all()):
+                prevs = [int(rnd.context_tail[-1])] + [int(x) for x in rnd.drafted[:m - 1]]
+                self.cache.step(g.to(self.cache.unigram.device), prevs, self.cfg.cache_lr, self.cfg.bigram_lr)
+        same = self.cfg.loss == "fkl" and self.cfg.temperature == 1.0
+        return loss if same else None
 
     @property
     def feedback_rows(self) -> str:  # type: ignore[override]  (the config decides)
@@ -418,9 +428,10 @@ class GradientUpdater(Updater):
     def observe(self, rnd: Round) -> Update:
         c = self.cfg
         self.observed += 1
-        loss = self.last_online_loss = online_loss(rnd, c.loss, c.positions, c.temperature)
-        if self.cache is not None:
-            self.cache_step(rnd)
+        loss = self.cache_step(rnd) if self.cache is not None else None
+        if loss is None:
+            loss = online_loss(rnd, c.loss, c.positions, c.temperature)
+        self.last_online_loss = loss
         rows = n_positions(rnd, c.positions) if self.reads_target_logits else 0
         return Update(self._take(training_copy(rnd, rows)), loss)
 
