@@ -72,3 +72,18 @@ def test_cache_options_need_an_lm_draft(pair_dirs):
         module = torch.nn.Linear(2, 2)
     with pytest.raises(osc.OnlineSpecError, match="lm drafts"):
         make_updater("ogd", cache_lr=0.1).attach(NoCache())
+
+
+@pytest.mark.parametrize("name", ["ogd", "dpo"])
+def test_train_none_leaves_every_weight_and_trains_only_the_tables(pair_dirs, name):
+    t, d = pair_dirs["llama"]
+    pair = osc.load_pair(target=str(t), draft=str(d))
+    before = {k: v.clone() for k, v in pair.draft.module.state_dict().items()}
+    eng = osc.Engine(pair, k=4, updater=name, updater_options={"train": "none", "bigram_lr": 2.0, "every": 1})
+    ref = osc.Engine(osc.load_pair(target=str(t), draft=str(d)), k=0)
+    for prompt in ("def add(a, b):", "Tom has 3 apples"):
+        assert eng.generate(prompt, max_new_tokens=24).token_ids == ref.generate(prompt, max_new_tokens=24).token_ids
+    assert eng.updater.stats()["updates"] == 0 and not eng.updater.buffer
+    for k, v in pair.draft.module.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert pair.draft.logit_cache.rows  # the tables learnt

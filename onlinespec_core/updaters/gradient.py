@@ -55,6 +55,7 @@ class GradConfig:
     #                       (0 = off; measured on the warmed demo draft: less forgetting across topics)
     train: str = "all"  # all | layers = every weight but the vocabulary matrices (input embedding,
     #                     output head: [V, H] each, most of an lm draft's weights and of a step's cost)
+    #                     | none = no gradient step at all (only the logit cache learns, if on)
     context_grad: str = "auto"  # lm drafts, fast path: on = the gradient flows through the re-read
     #                     context tail too (HF's); off = the context's K/V are constants (the proposal's
     #                     cache; ~6 ms less per re-read tail, the same tau on shift_long); auto = on for
@@ -85,7 +86,8 @@ class GradConfig:
         require(0 <= self.cache_decay < 1, f"{name}: cache_decay must be in [0, 1) (a fraction per round)")
         require(self.context_grad in ("auto", "on", "off"),
                 f"{name}: context_grad must be 'auto', 'on' or 'off', got {self.context_grad!r}")
-        require(self.train in ("all", "layers"), f"{name}: train must be 'all' or 'layers', got {self.train!r}")
+        require(self.train in ("all", "layers", "none"),
+                f"{name}: train must be 'all', 'layers' or 'none', got {self.train!r}")
         require(isinstance(self.head_rows, int) and self.head_rows >= 0,
                 f"{name}: head_rows must be an integer >= 0 (0 = the exact gradient)")
 
@@ -432,6 +434,8 @@ class GradientUpdater(Updater):
         if loss is None:
             loss = online_loss(rnd, c.loss, c.positions, c.temperature)
         self.last_online_loss = loss
+        if c.train == "none":  # nothing to buffer: no gradient step will read it
+            return Update(False, loss)
         rows = n_positions(rnd, c.positions) if self.reads_target_logits else 0
         return Update(self._take(training_copy(rnd, rows)), loss)
 
@@ -465,7 +469,7 @@ class GradientUpdater(Updater):
 
     def flush(self) -> bool:
         """Chunk cadence: train on the rounds buffered so far (e.g. at the end of a stream)."""
-        if self.cfg.cadence != "chunk" or not self.buffer:
+        if self.cfg.cadence != "chunk" or not self.buffer or self.cfg.train == "none":
             return False
         changed = self.train_chunk(self.buffer)
         self.buffer = []
