@@ -142,12 +142,15 @@ def test_first_launch_opens_on_the_demo_preset(qtbot, tmp_path):
     qtbot.addWidget(w)
     s = w.setup
     assert s.demo.text().startswith("Demo preset")
-    assert s.pair_source.currentData() == "demo" and s.updater.name.currentText() == "ensemble"
+    assert s.pair_source.currentData() == "demo" and s.updater.name.currentText() == "dpo"
+    assert s.updater.value() == ("dpo", {"bigram_lr": 4.0, "cache_decay": 0.005})
     assert s.compare_b.name.currentText() == "frozen" and s.stream_kind.currentData() == ("bundled", "shift")
-    s.updater.name.setCurrentText("dpo")
+    s.updater.name.setCurrentText("ogd")
+    s.updater.options.clear()
     s.compare_b.name.setCurrentText("(none)")
     s.demo.click()
-    assert s.updater.name.currentText() == "ensemble" and s.compare_b.name.currentText() == "frozen"
+    assert s.updater.name.currentText() == "dpo" and s.compare_b.name.currentText() == "frozen"
+    assert s.updater.value() == ("dpo", {"bigram_lr": 4.0, "cache_decay": 0.005})
     w.close()
 
 
