@@ -299,3 +299,30 @@ def test_merged_rows_run_one_head_over_every_sequence(pair_dirs, rounds):
             assert a is None and b is None
             continue
         torch.testing.assert_close(a.to_dense(), b.to_dense(), rtol=1e-4, atol=1e-6)
+
+
+def test_tied_embedding_rows_join_the_head_gradient_in_place(pair_dirs, rounds):
+    """The input side's gradient collected as rows and added into the head's dense gradient
+    equals autograd's own sum of the two (sparse lookup + dense head) for the tied matrix."""
+    pair = osc.load_pair("demo")  # a tied draft (the tiny test drafts are untied)
+    d = pair.draft
+    assert d.lean is not None and d.lean.tied
+    eng = osc.Engine(pair, k=4, keep_distributions=True)
+    rs = [r for r in eng.generate("def add(a, b):", max_new_tokens=24).rounds if r.k > 0]
+    rs += [r for r in eng.generate("Question: Tom has 3 apples.", max_new_tokens=16).rounds if r.k > 0]
+    up = make_updater("ogd", max_grad_norm=0)
+    up.attach(d)
+    batch = rs[-8:]  # the end of the first prompt and the second: two sequences
+    _, fast_g = up.losses_and_grads(batch)
+    orig = d.collect_embedding_rows
+    d.collect_embedding_rows = lambda on: None  # autograd's own accumulation
+    try:
+        _, ref_g = up.losses_and_grads(batch)
+    finally:
+        d.collect_embedding_rows = orig
+    assert d.lean.embed_rows is None
+    w = d.embedding_weight
+    for p, a, b in zip(up.params, fast_g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        if p is w:
+            assert a.abs().sum() > 0

@@ -178,6 +178,21 @@ class LMDraft(Draft):
                             logits_to_keep=rnd.k).logits[0]
         return pad_vocab(logits, self.vocab_size)
 
+    def collect_embedding_rows(self, on: bool) -> list | None:
+        """Tied embedding, fast path: while on, every training forward's input lookup is a leaf
+        x = W[ids] (no grad into W through it) and (ids, x) is collected, so the updater adds
+        d x into the head's dense gradient of W in place (GradientUpdater.losses_and_grads).
+        Returns the list (None where this does not apply: untied, no fast path)."""
+        lean = self.lean
+        if lean is None or not lean.tied:
+            return None
+        lean.embed_rows = [] if on else None
+        return lean.embed_rows
+
+    @property
+    def embedding_weight(self) -> torch.Tensor:
+        return self.model.get_input_embeddings().weight
+
     # -- the training head (updaters' option head_rows) --
     # train_support = (token ids, n): the output head's gradient reaches only the rows of those
     # tokens and of the draft's own top-n at each row (sparse, like the tied embedding's input

@@ -608,6 +608,13 @@ class GradientUpdater(Updater):
         cg = self.cfg.context_grad
         cg_on = cg == "on" or (cg == "auto" and self.cfg.cadence == "chunk")
         has_cg = hasattr(self.draft, "context_grad")
+        # tied embedding on the fast path, dense head gradient: the input side's rows are added
+        # into the head's gradient in place (LMDraft.collect_embedding_rows)
+        wi = None
+        if sup is None and hasattr(self.draft, "collect_embedding_rows"):
+            w = self.draft.embedding_weight
+            wi = next((i for i, p in enumerate(self.params) if p is w), None)
+        rows = self.draft.collect_embedding_rows(True) if wi is not None else None
         try:
             if sup is not None:
                 self.draft.train_support = sup
@@ -618,12 +625,25 @@ class GradientUpdater(Updater):
                 total = losses.mean()
                 if not bool(torch.isfinite(total)):
                     return losses.detach(), None
-                gs = torch.autograd.grad(total, self.params, allow_unused=True)
+                leaves = [x for _, x in rows] if rows else []
+                gs = torch.autograd.grad(total, [*self.params, *leaves], allow_unused=True)
         finally:
             if sup is not None:
                 self.draft.train_support = None
             if has_cg:
                 self.draft.context_grad = False
+            if rows is not None:
+                self.draft.collect_embedding_rows(False)
+        if rows:
+            gs, gx = list(gs[:len(self.params)]), gs[len(self.params):]
+            g = gs[wi]
+            if g is None or g.is_sparse:
+                g = torch.zeros_like(self.params[wi]) if g is None else g.to_dense()
+            for (ids, _), d in zip(rows, gx):
+                if d is not None:
+                    g.index_add_(0, ids, d)
+            gs[wi] = g
+            gs = tuple(gs)
         if sup is not None:  # the head's rows (+ the tied embedding's input rows): one sparse gradient
             gs = tuple(g.coalesce() if g is not None and g.is_sparse else g for g in gs)
         else:
