@@ -145,10 +145,13 @@ def plot_runs(path: str | Path, runs: list[dict], window: int = 10, size: tuple[
     plot.setLabel("bottom", "prompt")
     plot.setLabel("left", "tau (tokens per target forward)")
     plot.showGrid(x=True, y=True, alpha=0.2)
-    legend = plot.addLegend(offset=(10, 5), colCount=len(runs))
+    # one row while the names fit; long option strings get a row each (they overflowed the plot)
+    cols = len(runs) if sum(len(r["name"]) for r in runs) <= 120 else 1
+    legend = plot.addLegend(offset=(10, 5), colCount=cols)
     topics = [p["topic"] for p in runs[0]["prompts"]]
     taus = {r["name"]: [p["tokens"] / max(p["rounds"], 1) for p in r["prompts"]] for r in runs}
-    y_top = max(max(rolling_mean(t, window)) for t in taus.values()) + 0.5
+    rows = -(-len(runs) // cols)
+    y_top = max(max(rolling_mean(t, window)) for t in taus.values()) + 0.3 + 0.3 * rows
     _bands(pg, plot, topics, y_top)
     for i, r in enumerate(runs):
         t = taus[r["name"]]
