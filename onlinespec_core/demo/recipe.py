@@ -32,7 +32,10 @@ Run time on the 2-core CPU dev box (torch 2.13, bf16 autocast), measured for the
   draft (1.25M params): 6 min, 222 steps = 0.9M tokens of the general set. export + eval: ~1 min.
   draft_warm: 120 steps = 0.49M tokens (half general, half the 100-doc-per-topic warm-up sets:
   code 12.7k, math 6.4k, sql 7.1k, prose 9.6k tokens), 6.0 train-min with 1 thread on a busy box.
-  (20 docs x 60 steps left frozen tau at 1.09-1.30 per topic; 100 x 120: 1.07 / 1.47 / 1.35 / 1.92.)
+  (20 docs x 60 steps left frozen tau at 1.09-1.30 per topic; 100 x 120: 1.07 / 1.47 / 1.35 / 1.92.
+  A code-heavier variant, ``--warm-docs 100,code=400 --warm-weights code=3 --warm-steps 160``, 2.5
+  min on an idle core: frozen tau 1.34 -> 1.48 on the first 40 prompts of each shift_long visit,
+  code only 1.06 -> 1.17, and online learning gained less on it; not shipped.)
   ``--tiny``: about 10-20 s end to end (used by tests/test_demo_recipe.py).
 
 Example (what produced the shipped assets)::
@@ -55,6 +58,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ALL_STAGES = ("corpus", "tokenizer", "data", "streams", "target", "anneal", "draft", "draft_warm", "export", "eval")
 
@@ -94,6 +98,25 @@ TARGET_MIX = {"code": 0.30, "math": 0.20, "sql": 0.12, "prose": 0.20, "general":
 # time), so 15% of the rows are "copy:code" repeats (see train.Batcher) to teach in-context copying.
 ANNEAL_MIX = {"code": 0.50, "copy:code": 0.15, "math": 0.08, "sql": 0.05, "prose": 0.11, "general": 0.11}
 DRAFT_MIX = {"general": 1.0}
+
+
+def per_topic(s: str) -> dict[str, float]:
+    """'100' -> {'*': 100}; '100,code=400' -> {'*': 100, 'code': 400} (a value per topic)."""
+    out: dict[str, float] = {}
+    for part in s.split(","):
+        key, _, val = part.rpartition("=")
+        try:
+            out[key.strip() or "*"] = float(val)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected N or N,topic=N,...; got {s!r}") from None
+    return out
+
+
+def topic_value(spec: Any, topic: str, default: float) -> float:
+    """A per-topic setting: a number for every topic, or per_topic's dict ('*' = the rest)."""
+    if isinstance(spec, dict):
+        return float(spec.get(topic, spec.get("*", default)))
+    return float(spec)
 
 
 def parse_deadline(s: str | None) -> float | None:
@@ -181,7 +204,11 @@ def build_argparser() -> argparse.ArgumentParser:
     ap.add_argument("--warm-init", default=None,
                     help="draft_warm: HF model dir to start from when --out has no draft checkpoint "
                          "(e.g. assets/models/demo/draft as shipped before the warm stage)")
-    ap.add_argument("--warm-docs", type=int, default=None, help="draft_warm: train documents per topic")
+    ap.add_argument("--warm-docs", type=per_topic, default=None,
+                    help="draft_warm: train documents per topic, e.g. 100 or 100,code=400")
+    ap.add_argument("--warm-weights", type=per_topic, default=None,
+                    help="draft_warm: relative sampling weight of each topic's warm-up set within the "
+                         "topics' share, e.g. code=2 (default: 1 each)")
     ap.add_argument("--warm-steps", type=int, default=None, help="draft_warm: optimizer steps")
     ap.add_argument("--ckpt-every", type=float, default=300.0, help="seconds between checkpoints")
     ap.add_argument("--threads", type=int, default=None,
@@ -302,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             W["warm_docs"] = args.warm_docs
         if args.warm_steps is not None:
             W["steps"] = args.warm_steps
+        if args.warm_weights is not None:
+            W["topic_weights"] = args.warm_weights
         model = _new_model(P, "draft", get_tok())
         src = out / "draft_work" / "ckpt"
         if (src / "ckpt.json").exists():
@@ -317,8 +346,9 @@ def main(argv: list[str] | None = None) -> int:
         if init is not None:
             report["draft_warm_sets"] = write_warm_sets(corpus_dir, data_dir, get_tok(), W["warm_docs"],
                                                         seed=args.seed)
+            tw = {t: topic_value(W.get("topic_weights", 1.0), t, 1.0) for t in TOPICS}
             mix = {"general": W["general_weight"]}
-            mix.update({f"{t}_warm": (1 - W["general_weight"]) / len(TOPICS) for t in TOPICS})
+            mix.update({f"{t}_warm": (1 - W["general_weight"]) * tw[t] / sum(tw.values()) for t in TOPICS})
             cfg = TrainConfig(mix=mix, seq_len=P["seq_len"], batch_size=P["draft_batch"], lr=W["lr"],
                               warmup_steps=W["warmup"], max_tokens=W["steps"] * P["draft_batch"] * P["seq_len"],
                               max_minutes=W["minutes"], ckpt_every_s=args.ckpt_every, seed=args.seed + 3,
@@ -375,8 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_warm_sets(corpus_dir: Path, data_dir: Path, tok, n_docs: int, seed: int = 0) -> dict:
-    """``{topic}_warm.train.npy``: ``n_docs`` seeded documents per topic from its TRAIN split (the
+def write_warm_sets(corpus_dir: Path, data_dir: Path, tok, n_docs: Any, seed: int = 0) -> dict:
+    """``{topic}_warm.train.npy``: ``n_docs`` seeded documents per topic (a number, or per_topic's
+    dict) from its TRAIN split (the
     paper's small per-domain warm-up set; the held-out split, where the streams come from, is
     never read), encoded like tokenize_corpus. Returns tokens per set."""
     import random
@@ -388,7 +419,7 @@ def write_warm_sets(corpus_dir: Path, data_dir: Path, tok, n_docs: int, seed: in
         docs = sorted(read_split(corpus_dir, t, "train"), key=lambda d: d["id"])
         random.Random(f"{seed}:warm:{t}").shuffle(docs)
         ids: list[int] = []
-        for d in docs[:n_docs]:
+        for d in docs[:int(topic_value(n_docs, t, 100))]:
             ids += [tok.bos_token_id] + tok(d["prompt"] + d["completion"], add_special_tokens=False)["input_ids"]
             ids.append(tok.eos_token_id)
         np.save(Path(data_dir) / f"{t}_warm.train.npy", np.asarray(ids, dtype=np.uint16))
