@@ -36,6 +36,19 @@ def logits_and_grads(draft, rnd, params):
     return lg.detach(), g
 
 
+def assert_grads_close(ga, gb, rtol: float, atol: float) -> int:
+    """Two gradient lists alike (None where the other is None; sparse compared dense); returns
+    how many were non-zero."""
+    moved = 0
+    for a, b in zip(ga, gb):
+        if a is None or b is None:
+            assert a is None and b is None
+            continue
+        torch.testing.assert_close(a.to_dense(), b.to_dense(), rtol=rtol, atol=atol)
+        moved += int(bool(a.to_dense().abs().sum() > 0))
+    return moved
+
+
 @pytest.mark.parametrize("opts", [{}, {"mode": "sft"}, {"sft_weight": 0.0}])
 def test_merged_dpo_losses_equal_the_per_round_form(pair_dirs, rounds, opts):
     batch = rounds[:10]  # spans both prompts: two sequences
@@ -59,11 +72,7 @@ def test_merged_dpo_losses_equal_the_per_round_form(pair_dirs, rounds, opts):
         torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-5)
         ga = torch.autograd.grad(la.mean(), a.params, allow_unused=True)
         gb = torch.autograd.grad(lb.mean(), b.params, allow_unused=True)
-    for x, y in zip(ga, gb):
-        if x is None or y is None:
-            assert x is None and y is None
-            continue
-        torch.testing.assert_close(x.to_dense(), y.to_dense(), rtol=1e-3, atol=1e-5)
+    assert_grads_close(ga, gb, rtol=1e-3, atol=1e-5)
 
 
 def test_reference_forward_swaps_storage_and_back(pair_dirs, rounds):
@@ -133,13 +142,7 @@ def test_other_sequence_round_reads_its_context_as_constants(pair_dirs, rounds):
     assert draft._context_state(r) == "fresh"
     fresh = logits_and_grads(draft, r, params)
     torch.testing.assert_close(reread[0], fresh[0], rtol=1e-4, atol=1e-4)
-    moved = 0
-    for a, b in zip(reread[1], fresh[1]):
-        if a is None or b is None:
-            assert a is None and b is None
-            continue
-        torch.testing.assert_close(a.to_dense(), b.to_dense(), rtol=1e-3, atol=1e-5)
-        moved += int(bool(a.to_dense().abs().sum() > 0))
+    moved = assert_grads_close(reread[1], fresh[1], rtol=1e-3, atol=1e-5)
     assert moved >= 3  # embedding/head, attention and MLP weights all get a gradient
 
 
@@ -163,11 +166,7 @@ def test_context_grad_on_gives_hfs_gradient(pair_dirs, rounds):
     draft.context_grad = False
     for lg, gs in outs:
         torch.testing.assert_close(lg, hf[0], rtol=1e-4, atol=1e-4)
-        for a, b in zip(gs, hf[1]):
-            if a is None or b is None:
-                assert a is None and b is None
-                continue
-            torch.testing.assert_close(a.to_dense(), b.to_dense(), rtol=1e-3, atol=1e-5)
+        assert_grads_close(gs, hf[1], rtol=1e-3, atol=1e-5)
 
 
 def test_context_grad_option_reaches_the_draft_only_during_a_step(pair_dirs, rounds):
@@ -294,11 +293,7 @@ def test_merged_rows_run_one_head_over_every_sequence(pair_dirs, rounds):
         gb = torch.autograd.grad(torch.log_softmax(want, -1)[:, 5].sum(), params, allow_unused=True)
     assert ms == [min(n_positions(r), r.k) for r in batch]
     torch.testing.assert_close(rows, want, rtol=1e-5, atol=1e-5)
-    for a, b in zip(ga, gb):
-        if a is None or b is None:
-            assert a is None and b is None
-            continue
-        torch.testing.assert_close(a.to_dense(), b.to_dense(), rtol=1e-4, atol=1e-6)
+    assert_grads_close(ga, gb, rtol=1e-4, atol=1e-6)
 
 
 def test_tied_embedding_rows_join_the_head_gradient_in_place(pair_dirs, rounds):
