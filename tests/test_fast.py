@@ -510,3 +510,40 @@ def test_training_kl_kernel_gives_torchs_loss_and_gradient():
         nan[2, 0] = float("nan")
         out = fast.kl_rows_grad(nan.requires_grad_(), t)
         assert torch.isnan(out[2]) and torch.isfinite(out[[0, 1, 3]]).all()
+
+
+def test_fused_proposal_equals_the_token_by_token_one(family_dirs, tokenizer, tmp_path):
+    """LeanLM.draft_steps (a greedy proposal with the per-call work done once) drafts the same
+    tokens with the same logits, bit for bit, and leaves the same cache, as draft_step token by
+    token with greedy in between; pending runs of 1-4 tokens."""
+    from onlinespec_core.sampling import greedy
+    t, _ = family_dirs["llama"]
+    d = tmp_path / "draft16"
+    make_model("llama", len(tokenizer), hidden=64, layers=2, seed=3).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    pair = osc.load_pair(target=str(t), draft=str(d))
+    lean = pair.draft.lean
+    ids = torch.tensor(pair.tokenizer(PROMPTS[2])["input_ids"])
+    with torch.inference_mode():
+        for pend in (1, 2, 4):
+            a, b = lean.new_cache(), lean.new_cache()
+            lean.forward(ids[:8], a, 1)
+            lean.forward(ids[:8], b, 1)
+            assert lean.sync_mirrors()
+            toks = ids[8:8 + pend].tolist()
+            got = lean.draft_steps(toks, b, 5)
+            assert got is not None
+            want_t, want_l = [], []
+            for tok in toks:
+                last = lean.draft_step(int(tok), a)
+            for _ in range(5):
+                x = int(greedy(last))
+                want_t.append(x)
+                want_l.append(last)
+                if len(want_t) < 5:
+                    last = lean.draft_step(x, a)
+            assert got[0] == want_t
+            assert torch.equal(got[1], torch.stack(want_l))
+            assert a.length == b.length
+            for li in range(len(lean.layers)):
+                assert torch.equal(a.k[li][:, :a.length], b.k[li][:, :b.length])

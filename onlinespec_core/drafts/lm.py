@@ -90,6 +90,13 @@ class LMDraft(Draft):
         tokens, logits, probs = [], [], []
         lean = self.lean
         fused = lean is not None and isinstance(self.cache, fast.KVCache) and lean.sync_mirrors()
+        if fused and cfg.greedy and self.logit_cache is None and 1 <= pending.numel() <= 4:
+            got = lean.draft_steps(pending.tolist(), self.cache, k)  # the whole proposal in one go
+            if got is not None:
+                toks, lg = got
+                lg = pad_vocab(lg, self.vocab_size)
+                return Proposal(torch.tensor(toks, dtype=torch.long, device=seq.device), lg,
+                                logits_to_probs(lg, cfg))
         for _ in range(k):
             last = self._forward(pending, fused)
             if cfg.greedy:  # argmax of the logits; the k softmaxes as one call at the end
