@@ -147,18 +147,23 @@ def test_online_updaters_reach_the_proposal_copies(family_dirs, updater):
     torch.testing.assert_close(hidden, out.hidden_states[-1][0], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.skipif(fast.draft_kernels() is None, reason="no AVX-512 VNNI draft kernels here")
-def test_fused_draft_step_equals_the_lean_forward(family_dirs, tokenizer, tmp_path):
-    """One C call per drafted token computes what the lean forward on the copies computes: the
-    same logits and K/V rows (train_logits later attends to those) up to the last bit. Head size 16, two
-    layers (the shared tiny drafts have head size 8, which the attention kernel does not take)."""
+def draft16_pair(family_dirs, tokenizer, tmp_path):
+    """The llama target with a draft of head size 16 and two layers (the shared tiny drafts have
+    head size 8, which the attention kernel does not take): (target dir, pair, lean, prompt ids)."""
     t, _ = family_dirs["llama"]
     d = tmp_path / "draft16"
     make_model("llama", len(tokenizer), hidden=64, layers=2, seed=3).save_pretrained(d)
     tokenizer.save_pretrained(d)
     pair = osc.load_pair(target=str(t), draft=str(d))
-    lean = pair.draft.lean
-    ids = torch.tensor(pair.tokenizer(PROMPTS[2])["input_ids"])
+    return t, pair, pair.draft.lean, torch.tensor(pair.tokenizer(PROMPTS[2])["input_ids"])
+
+
+@pytest.mark.skipif(fast.draft_kernels() is None, reason="no AVX-512 VNNI draft kernels here")
+def test_fused_draft_step_equals_the_lean_forward(family_dirs, tokenizer, tmp_path):
+    """One C call per drafted token computes what the lean forward on the copies computes: the
+    same logits and K/V rows (train_logits later attends to those) up to the last bit. Head size 16, two
+    layers (the shared tiny drafts have head size 8, which the attention kernel does not take)."""
+    t, pair, lean, ids = draft16_pair(family_dirs, tokenizer, tmp_path)
     with torch.inference_mode():
         a, b = lean.new_cache(), lean.new_cache()
         lean.forward(ids[:10], a, 1)
@@ -512,18 +517,13 @@ def test_training_kl_kernel_gives_torchs_loss_and_gradient():
         assert torch.isnan(out[2]) and torch.isfinite(out[[0, 1, 3]]).all()
 
 
+@pytest.mark.skipif(fast.draft_kernels() is None, reason="no AVX-512 VNNI draft kernels here")
 def test_fused_proposal_equals_the_token_by_token_one(family_dirs, tokenizer, tmp_path):
     """LeanLM.draft_steps (a greedy proposal with the per-call work done once) drafts the same
     tokens with the same logits, bit for bit, and leaves the same cache, as draft_step token by
     token with greedy in between; pending runs of 1-4 tokens."""
     from onlinespec_core.sampling import greedy
-    t, _ = family_dirs["llama"]
-    d = tmp_path / "draft16"
-    make_model("llama", len(tokenizer), hidden=64, layers=2, seed=3).save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    pair = osc.load_pair(target=str(t), draft=str(d))
-    lean = pair.draft.lean
-    ids = torch.tensor(pair.tokenizer(PROMPTS[2])["input_ids"])
+    t, pair, lean, ids = draft16_pair(family_dirs, tokenizer, tmp_path)
     with torch.inference_mode():
         for pend in (1, 2, 4):
             a, b = lean.new_cache(), lean.new_cache()
