@@ -367,3 +367,26 @@ def test_proposals_read_tokens_through_an_int8_copy_of_the_lm_head(pair_dirs, ki
     ro.set_vocab(None)
     ids = pair.tokenizer(PROMPTS[2])["input_ids"]
     assert osc.Engine(pair, k=4).generate(ids, max_new_tokens=20).token_ids == hf_greedy(pair.target, ids, 20)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_logit_tables_on_feature_heads_learn_and_stay_lossless(trained, refs, kind):
+    """The updaters' fast bigram/unigram logit tables (drafts.logit_cache) on eagle/hydra heads:
+    every output is the target's own, the tables learn, and they round-trip through the draft's
+    state."""
+    pair = trained["llama", kind]
+    opts = {"train": "none", "bigram_lr": 2.0, "cache_lr": 0.2, "cache_decay": 0.02}
+    try:
+        assert_lossless(pair, refs["llama"], ks=(3,), updater="ogd", updater_options=opts)
+        tables = pair.draft.logit_cache
+        assert tables is not None and tables.rows and tables.uses_unigram
+        z = torch.zeros(pair.draft.vocab_size)
+        prev = next(iter(tables.rows))
+        want = pair.draft.corrected(z, prev)
+        state = pair.draft.state_tensors()
+        pair.draft.load_state_tensors({})  # a state without tables: none
+        assert pair.draft.logit_cache is None and torch.equal(pair.draft.corrected(z, prev), z)
+        pair.draft.load_state_tensors(state)
+        assert torch.equal(pair.draft.corrected(z, prev), want)
+    finally:
+        pair.draft.logit_cache = None

@@ -70,7 +70,7 @@ def test_cache_options_need_an_lm_draft(pair_dirs):
     class NoCache:  # a draft kind without the tables (feature heads)
         kind = "hydra"
         module = torch.nn.Linear(2, 2)
-    with pytest.raises(osc.OnlineSpecError, match="lm drafts"):
+    with pytest.raises(osc.OnlineSpecError, match="lm, eagle and hydra drafts"):
         make_updater("ogd", cache_lr=0.1).attach(NoCache())
 
 

@@ -11,6 +11,7 @@ from torch import nn
 from ..errors import require
 from ..feedback import Round
 from ..sampling import SamplingConfig
+from .logit_cache import LogitCache
 
 
 @dataclass
@@ -32,6 +33,8 @@ class Draft(Protocol):
     #                                        round's training logits on the path (lm drafts)
     has_train_terms: ClassVar[bool] = False  # train_terms adds losses beyond the logits (eagle)
     batches_rounds: ClassVar[bool] = False  # train_rows reads a whole batch in one pass (hydra)
+    supports_logit_cache: ClassVar[bool] = False  # propose adds logit_cache's tables (lm, eagle, hydra)
+    logit_cache: LogitCache | None = None  # set by an updater (options cache_lr / bigram_lr)
 
     def reset(self) -> None:
         """Forget any cached state (new sequence)."""
@@ -72,14 +75,25 @@ class Draft(Protocol):
         """A sequence ended (prompt + output): drafts that index what they saw (ngram) file it."""
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """What the draft learnt outside its module's weights (ngram: its stream index); saved
-        with the engine's state."""
-        return {}
+        """What the draft learnt outside its module's weights (the logit tables; ngram: its
+        stream index); saved with the engine's state."""
+        c = self.logit_cache
+        return {} if c is None else {f"logit_cache.{k}": v for k, v in c.state_tensors().items()}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """The inverse of state_tensors; a kind without such state gets nothing."""
-        require(not tensors, f"the saved state holds {sorted(tensors)[:3]} for a {self.kind!r} draft, "
-                             "which keeps no state outside its weights; load it with the draft kind it was saved from")
+        got = {k[len("logit_cache."):]: v for k, v in tensors.items() if k.startswith("logit_cache.")}
+        rest = sorted(set(tensors) - {f"logit_cache.{k}" for k in got})
+        require(not rest and (not got or self.supports_logit_cache),
+                f"the saved state holds {(rest or sorted(tensors))[:3]} for a {self.kind!r} draft, which "
+                "keeps no such state outside its weights; load it with the draft kind it was saved from")
+        if not got or got["unigram"].numel() == 0:  # none saved: the draft proposes without tables
+            self.logit_cache = None
+            return
+        require(got["unigram"].numel() == getattr(self, "vocab_size", got["unigram"].numel()) and "meta" in got,
+                "the saved logit tables do not fit this draft's vocabulary; save the state again")
+        dev = getattr(self, "device", "cpu")
+        self.logit_cache = LogitCache.from_state({k: v.to(dev) for k, v in got.items()})
 
     def save(self, path: str | Path) -> None:
         """Write weights (safetensors) + config into directory path."""

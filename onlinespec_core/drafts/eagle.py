@@ -89,7 +89,7 @@ class EagleDraft(FeatureDraft):
             f = self.module(emb_next[p:p + 1], f[None], p, self.cache)[0]
         tokens, logits, probs = [], [], []
         for i in range(k):
-            z = self.readout.logits(f)  # q(x_{L+i}) from f^_{L-1+i}
+            z = self.corrected(self.readout.logits(f), int(tokens[-1] if tokens else seq[-1]))  # q(x_{L+i})
             q = logits_to_probs(z, cfg)
             x = greedy(q) if cfg.greedy else sample(q, generator)
             tokens.append(x)

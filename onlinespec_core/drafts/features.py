@@ -348,6 +348,7 @@ class FeatureDraft(Draft):
     """What the eagle and hydra drafts share: the target's frozen readout (embeddings, final norm,
     lm_head), the book of proposals for train_logits, and the target's real features."""
     needs_hidden = True
+    supports_logit_cache = True  # propose adds the updaters' logit tables (drafts.logit_cache)
 
     def __init__(self, target: PreTrainedModel, module: nn.Module, cfg: Any) -> None:
         self.module = module
@@ -363,6 +364,14 @@ class FeatureDraft(Draft):
     @property
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
+
+    @property
+    def vocab_size(self) -> int:
+        return self.readout.vocab_size
+
+    def corrected(self, z: torch.Tensor, prev: int) -> torch.Tensor:
+        """z [V] plus the logit tables of an updater's cache_lr / bigram_lr, if any."""
+        return z if self.logit_cache is None else self.logit_cache.apply(z, prev)
 
     @property
     def dtype(self) -> torch.dtype:

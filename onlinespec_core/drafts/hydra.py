@@ -114,7 +114,7 @@ class HydraDraft(FeatureDraft):
         embs = list(self._embed(seq[max(n, L - len(self.module.heads)):]))  # e(x_n..x_{L-1})
         tokens, logits, probs = [], [], []
         for _ in range(k):
-            z = self.readout.logits(self.module(h, embs))
+            z = self.corrected(self.readout.logits(self.module(h, embs)), int(tokens[-1] if tokens else seq[-1]))
             q = logits_to_probs(z, cfg)
             x = greedy(q) if cfg.greedy else sample(q, generator)
             tokens.append(x)

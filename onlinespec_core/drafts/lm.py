@@ -7,16 +7,15 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from .. import fast
-from ..errors import require
 from ..feedback import Round
 from ..sampling import SamplingConfig, greedy, logits_to_probs, sample
 from .base import Draft, Proposal, crop_cache, pad_vocab
-from .logit_cache import LogitCache
 
 
 class LMDraft(Draft):
     kind = "lm"
     merges_rounds = True  # every round of a sequence: one causal forward (updaters.gradient)
+    supports_logit_cache = True
 
     def __init__(self, model: PreTrainedModel, vocab_size: int | None = None,
                  train_window: int = 128) -> None:
@@ -32,7 +31,7 @@ class LMDraft(Draft):
         # (the proposal's cache, or a no-grad re-read), only the rounds' rows run with grad;
         # True = HF's gradient, through the whole re-read tail (updaters' option context_grad)
         self.context_grad = False
-        self.logit_cache: LogitCache | None = None  # set by an updater (options cache_lr / bigram_lr)
+        self.logit_cache = None  # set by an updater (options cache_lr / bigram_lr)
 
     @property
     def device(self) -> torch.device:
@@ -232,22 +231,6 @@ class LMDraft(Draft):
         p = torch.softmax(target_logits.float(), -1)
         ce = -(p * logq.clamp_min(-1e4)).sum(-1).mean()
         return ce, {"ce": ce.item(), "top1": (logq.argmax(-1) == p.argmax(-1)).float().mean().item()}
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """The logit tables (an updater's cache_lr / bigram_lr), when there are any."""
-        c = self.logit_cache
-        return {} if c is None else {f"logit_cache.{k}": v for k, v in c.state_tensors().items()}
-
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        got = {k[len("logit_cache."):]: v for k, v in tensors.items() if k.startswith("logit_cache.")}
-        require(len(got) == len(tensors), f"the saved state holds {sorted(set(tensors) - set(got))[:3]} for "
-                                          "an lm draft; load it with the draft kind it was saved from")
-        if not got or got["unigram"].numel() == 0:  # none saved: the draft proposes without tables
-            self.logit_cache = None
-            return
-        require(got["unigram"].numel() == self.vocab_size and "meta" in got,
-                "the saved logit tables do not fit this draft's vocabulary; save the state again")
-        self.logit_cache = LogitCache.from_state({k: v.to(self.device) for k, v in got.items()})
 
     def save(self, path: str | Path) -> None:
         self.model.save_pretrained(str(path), safe_serialization=True)

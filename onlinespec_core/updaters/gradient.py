@@ -388,8 +388,9 @@ class GradientUpdater(Updater):
         self.offline = fp32_copy(params) if self.cfg.anchor > 0 else []  # w0 for the anchor
         self.cache = None  # the draft's logit tables, when this updater trains them
         if self.cfg.cache_lr > 0 or self.cfg.bigram_lr > 0:
-            require(hasattr(draft, "logit_cache"), f"{self.name}: cache_lr / bigram_lr apply to lm drafts "
-                                                   f"only (this draft is {getattr(draft, 'kind', '?')!r}); set them to 0")
+            require(getattr(draft, "supports_logit_cache", False),
+                    f"{self.name}: cache_lr / bigram_lr apply to lm, eagle and hydra drafts (this draft is "
+                    f"{getattr(draft, 'kind', '?')!r}); set them to 0")
             c = draft.logit_cache  # the draft's own (learnt state, saved with it): kept across updaters
             if c is None or c.vocab != draft.vocab_size:
                 c = draft.logit_cache = LogitCache(draft.vocab_size, self.cfg.cache_decay, params[0].device)
