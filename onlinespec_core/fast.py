@@ -28,7 +28,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -505,30 +505,30 @@ extern "C" int64_t os_draft_step(int64_t tok, int64_t pos, const float* embed, i
     return best;
 }
 """
-def kl_rows(d: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
-    """KL(softmax(t) || softmax(d)) per row of fp32 CPU logits [m, V] (the per-round online loss
-    every updater reports, frozen too: ~7 torch ops and ~0.18 ms a round in-run), or None when
-    the kernels are not compiled (the caller runs the torch form)."""
+def _kl_pass(d: torch.Tensor, t: torch.Tensor, grad: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """os_kl_rows on fp32 CPU logits [m, V] (d the draft's, t the target's): per-row KL and, with
+    grad, q - p [m, V] from the same pass; None when the kernels are not compiled or the
+    tensors do not fit (the caller runs the torch form)."""
     ks = kernels()
     if (ks is None or d.dtype != torch.float32 or t.dtype != torch.float32 or d.device.type != "cpu"
             or d.shape != t.shape or d.dim() != 2):
         return None
-    d, t = d.contiguous(), t.contiguous()
-    out = torch.empty(d.shape[0])
-    ks.kl(d.data_ptr(), t.data_ptr(), d.shape[0], d.shape[1], out.data_ptr(), None)
-    return out
+    d, t = d.detach().contiguous(), t.detach().contiguous()
+    out, g = torch.empty(d.shape[0]), (torch.empty_like(d) if grad else None)
+    ks.kl(d.data_ptr(), t.data_ptr(), d.shape[0], d.shape[1], out.data_ptr(), None if g is None else g.data_ptr())
+    return out, g
+
+
+def kl_rows(d: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
+    """KL(softmax(t) || softmax(d)) per row of fp32 CPU logits [m, V] (the per-round online loss
+    every updater reports, frozen too: ~7 torch ops and ~0.18 ms a round in-run), or None."""
+    got = _kl_pass(d, t, False)
+    return None if got is None else got[0]
 
 
 def kl_rows_and_grad(d: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """kl_rows and its gradient in d, q - p [m, V], from one pass (no autograd), or None."""
-    ks = kernels()
-    if (ks is None or d.dtype != torch.float32 or t.dtype != torch.float32 or d.device.type != "cpu"
-            or d.shape != t.shape or d.dim() != 2):
-        return None
-    d, t = d.contiguous(), t.contiguous()
-    out, g = torch.empty(d.shape[0]), torch.empty_like(d)
-    ks.kl(d.data_ptr(), t.data_ptr(), d.shape[0], d.shape[1], out.data_ptr(), g.data_ptr())
-    return out, g
+    return _kl_pass(d, t, True)  # type: ignore[return-value]
 
 
 class _KLRows(torch.autograd.Function):
@@ -536,27 +536,24 @@ class _KLRows(torch.autograd.Function):
     multiply backward: a torch fkl is two log-softmaxes, a kl_div and ~6 backward ops)."""
 
     @staticmethod
-    def forward(ctx, d: torch.Tensor, t: torch.Tensor, ks: Any) -> torch.Tensor:  # type: ignore[override]
-        out = torch.empty(d.shape[0])
-        g = torch.empty_like(d)
-        ks.kl(d.data_ptr(), t.data_ptr(), d.shape[0], d.shape[1], out.data_ptr(), g.data_ptr())
+    def forward(ctx, d: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out, g = _kl_pass(d, t, True)  # type: ignore[misc]  (kl_rows_grad checked it applies)
         ctx.save_for_backward(g)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         (g,) = ctx.saved_tensors
-        return g * grad_out[:, None], None, None
+        return g * grad_out[:, None], None
 
 
 def kl_rows_grad(d: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
     """kl_rows for a training step: d [m, V] fp32 CPU logits with grad, t the target's (no
     grad): per-row KL whose backward is (q - p) * grad; None when the kernels do not apply."""
-    ks = kernels()
-    if (ks is None or d.dtype != torch.float32 or t.dtype != torch.float32 or d.device.type != "cpu"
+    if (kernels() is None or d.dtype != torch.float32 or t.dtype != torch.float32 or d.device.type != "cpu"
             or d.shape != t.shape or d.dim() != 2 or t.requires_grad or d.shape[0] == 0):
         return None
-    return _KLRows.apply(d.contiguous(), t.detach().contiguous(), ks)
+    return _KLRows.apply(d, t)
 
 
 _gemm_lib: list = []  # [ctypes function or None] once tried
@@ -1305,37 +1302,8 @@ class LeanLM:
         """frozen=False, no grad, proposal copies current (after sync_mirrors): one token at
         position cache.length through the fused C step -> fp32 logits [V] (the cache grows by
         one). None when the step does not apply here (the caller runs forward instead)."""
-        if self._step_w is None:
-            self._step_w = self._step_table()
-            if self._step_w is None:
-                self._step_w = False
-        if self._step_w is False:
-            return None
-        start = cache.length
-        cache.reserve(start + 1)
-        kb = cache.blocked()
-        if kb is None:
-            return None
-        cos, sin = self.rope(self.embed.weight, start, 1)
-        ctab = torch.tensor([p for li in range(len(self.layers))
-                             for p in (cache.k[li].data_ptr(), cache.v[li].data_ptr(), kb[li].data_ptr())],
-                            dtype=torch.int64)
-        H, I = self.embed.weight.shape[1], self.layers[0].down.mods[0].weight.shape[1]
-        G, nb = self.n_heads // self.n_kv, (start + 1 + 63) // 64
-        qkv = (self.n_heads + 2 * self.n_kv) * self.head_dim
-        scratch = torch.empty(4 * H + qkv + 2 * self.n_heads * self.head_dim + 3 * I + G * nb * 64 + H + 16)
-        head = self.lm_head
-        V = head.mod.weight.shape[0]
-        logits = torch.empty(V)
-        ks = head.ks
-        w8 = head.wp
-        ks.step(int(tok), start, self.embed.weight.data_ptr(), H, len(self.layers), self._step_w.data_ptr(),
-                ctab.data_ptr(), cache.capacity, self.n_heads, self.n_kv, self.head_dim, I, self.eps,
-                self.scale, cos.data_ptr(), sin.data_ptr(), self.norm.weight.data_ptr(), w8.q.data_ptr(),
-                w8.scale.data_ptr(), w8.rowsum.data_ptr(), None if head.bias is None else head.bias.data_ptr(),
-                V, scratch.data_ptr(), logits.data_ptr())
-        cache.length = start + 1
-        return logits
+        got = self.draft_steps([tok], cache, 1)
+        return None if got is None else got[1][0]
 
     def draft_steps(self, toks: list[int], cache: KVCache, k: int) -> tuple[list[int], torch.Tensor] | None:
         """Greedy proposal through the fused C step, its per-call work done once: feed toks (the

@@ -59,13 +59,11 @@ class LMDraft(Draft):
         if isinstance(self.cache, fast.KVCache):
             lean = self.lean
             logits = None
-            # a few tokens: one at a time through the fused step (None: it does not apply here,
-            # and then it applies to none of them, so the plain forward takes them all)
+            # a few tokens: through the fused step, one C call each (None: it does not apply
+            # here, and then the plain forward takes them all)
             if fused and ids.numel() <= 4:
-                for tok in ids.tolist():
-                    logits = lean.draft_step(tok, self.cache)
-                    if logits is None:
-                        break
+                got = lean.draft_steps(ids.tolist(), self.cache, 1)
+                logits = None if got is None else got[1][0]
             if logits is None:
                 logits = lean.forward(ids, self.cache, 1)[0][-1]
         else:
@@ -145,12 +143,11 @@ class LMDraft(Draft):
         state, lean = self._context_state(rnd), self.lean
         if state is None and not (lean is not None and self.reuse_cache and rnd.context_tail.numel() > 0):
             return None
+        drafted = torch.tensor(rnd.drafted[:-1], dtype=torch.long, device=self.device)
         if self.context_grad:  # HF's computation (the tail re-read, grad through all of it) on the lean forward
-            drafted = torch.tensor(rnd.drafted[:-1], dtype=torch.long, device=self.device)
             ids = torch.cat([rnd.context_tail.to(self.device), drafted])
             start = rnd.context_len - rnd.context_tail.numel()  # same positions as at drafting time
             return lean._layers(ids, 0, lambda li, k, v: (k, v), start)[-rnd.k:]
-        drafted = torch.tensor(rnd.drafted[:-1], dtype=torch.long, device=self.device)
         ids = torch.cat([rnd.context_tail[-1:].to(self.device), drafted])
         if state == "fresh":  # the proposal's own K/V: only the drafted rows run, with grad
             return lean.hidden_after(ids, self.cache, rnd.context_len - 1)

@@ -413,14 +413,14 @@ class GradientUpdater(Updater):
         d, t = rnd.draft_logits[:m].float(), rnd.target_logits[:m].float().to(rnd.draft_logits.device)
         both = fast.kl_rows_and_grad(d, t)  # one compiled pass: KL per row and q - p
         if both is None:
-            kl, g = None, torch.softmax(d, -1) - torch.softmax(t, -1)
-        else:
-            kl, g = both
-        loss = float(kl.mean()) if kl is not None else None
-        if loss is None or math.isfinite(loss):
-            if bool(torch.isfinite(g).all()):
-                prevs = [int(rnd.context_tail[-1])] + [int(x) for x in rnd.drafted[:m - 1]]
-                self.cache.step(g.to(self.cache.unigram.device), prevs, self.cfg.cache_lr, self.cfg.bigram_lr)
+            loss, g = None, torch.softmax(d, -1) - torch.softmax(t, -1)
+            finite = bool(torch.isfinite(g).all())
+        else:  # a finite KL comes from finite logits, whose q - p is finite too
+            loss, g = float(both[0].mean()), both[1]
+            finite = math.isfinite(loss)
+        if finite:
+            prevs = [int(rnd.context_tail[-1])] + [int(x) for x in rnd.drafted[:m - 1]]
+            self.cache.step(g.to(self.cache.unigram.device), prevs, self.cfg.cache_lr, self.cfg.bigram_lr)
         same = self.cfg.loss == "fkl" and self.cfg.temperature == 1.0
         return loss if same else None
 
